@@ -1,0 +1,63 @@
+"""polydistill: knowledge distillation for cross-lingual transfer.
+
+The public API is what this module exports; plugins import nothing else.
+Heavy modules (torch, transformers) load on first use, so ``import polydistill``
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+#: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState).
+API_VERSION = "1.0"
+
+from polydistill.errors import ConfigError, DataError, PluginError, PolydistillError  # noqa: E402
+from polydistill.hookspecs import hookimpl  # noqa: E402
+
+_LAZY = {
+    "Config": "polydistill.config",
+    "load_config": "polydistill.config",
+    "PluginSettings": "polydistill.config",
+    "Batch": "polydistill.batch",
+    "ModelOutputs": "polydistill.batch",
+    "TrainState": "polydistill.loop",
+    "train": "polydistill.api",
+    "evaluate": "polydistill.api",
+    "RunResult": "polydistill.api",
+}
+
+__all__ = [
+    "API_VERSION",
+    "Batch",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "ModelOutputs",
+    "PluginError",
+    "PluginSettings",
+    "PolydistillError",
+    "RunResult",
+    "TrainState",
+    "__version__",
+    "evaluate",
+    "hookimpl",
+    "load_config",
+    "train",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'polydistill' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polydistill.api import RunResult, evaluate, train
+    from polydistill.batch import Batch, ModelOutputs
+    from polydistill.config import Config, PluginSettings, load_config
+    from polydistill.loop import TrainState

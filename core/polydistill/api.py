@@ -1,0 +1,150 @@
+"""The Python API that mirrors the CLI: train, evaluate, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from polydistill import __version__
+from polydistill.checkpoint import dump_json, write_atomic
+from polydistill.config import Config, load_config
+from polydistill.errors import ConfigError
+
+
+@dataclass
+class RunResult:
+    """What ``train`` returns: where the run lives and its final metrics."""
+
+    output_dir: Path
+    student_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    plugins: dict[str, str | None] = field(default_factory=dict)
+
+
+def train(
+    config: Config | dict | str | Path,
+    overrides: list[str] | None = None,
+    resume: str | Path | None = None,
+    plugins: Iterable[tuple[str, Any]] = (),
+    output_dir: str | Path | None = None,
+) -> RunResult:
+    """Distil (or fine-tune) as ``config`` says and save the student.
+
+    ``plugins`` registers extra plugin objects as ``(name, object)`` without
+    installing them (notebooks, tests); ``resume`` is a run directory or a
+    checkpoint. Writes ``OUTPUT_DIR/student`` (model, tokenizer, model card),
+    ``config.json``, ``plugins.json``, ``metrics.json`` and ``metrics.jsonl``.
+    """
+    from polydistill.loop import Trainer
+
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg, plugins=plugins, output_dir=str(output_dir) if output_dir else None)
+    metrics = trainer.fit(resume=resume)
+    student_dir = save_run(trainer, metrics)
+    return RunResult(trainer.output_dir, student_dir, metrics, trainer.state.history, trainer.host.versions())
+
+
+def save_run(trainer: Any, metrics: dict[str, Any]) -> Path:
+    """Save the student with its tokenizer, the resolved config, plugins and a model card."""
+    state, acc = trainer.state, trainer.accelerator
+    out = trainer.output_dir
+    student_dir = out / "student"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        student = acc.unwrap_model(state.student)
+        student.save_pretrained(student_dir, safe_serialization=True)
+        state.student_tokenizer.save_pretrained(student_dir)
+        versions = trainer.host.versions()
+        dump_json(out / "plugins.json", versions)
+        dump_json(out / "metrics.json", metrics)
+        dump_json(out / "config.json", trainer.config.to_dict())
+        write_atomic(student_dir / "README.md", model_card(trainer.config, metrics, versions, state.step))
+    return student_dir
+
+
+def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str | None], steps: int) -> str:
+    per_lang = metrics.get("per_language", {})
+    langs = sorted(per_lang)
+    names = sorted({k for m in per_lang.values() for k in m})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [polydistill, knowledge-distillation, cross-lingual]",
+        f"language: [{', '.join(l for l in langs if l != 'und')}]",
+        "---",
+        "",
+        "# Student distilled with polydistill",
+        "",
+        f"- task: `{config.task}`, mode: `{config.mode}`, steps: {steps}",
+        f"- teachers: {', '.join(f'`{t.model}`' for t in config.teachers) or 'none (fine-tuned)'}",
+        f"- plugins: {', '.join(f'{n} {v}' if v else n for n, v in plugins.items()) or 'none'}",
+        f"- polydistill {__version__}",
+        "",
+    ]
+    if langs:
+        lines += ["## Evaluation", "", "| language | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for lang in langs:
+            lines.append(f"| {lang} | " + " | ".join(f"{per_lang[lang].get(n, float('nan')):.4f}" for n in names) + " |")
+        avg = metrics.get("average", {})
+        lines.append("| **average** | " + " | ".join(f"{avg.get(n, float('nan')):.4f}" for n in names) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def evaluate(
+    source: Config | dict | str | Path,
+    overrides: list[str] | None = None,
+    which: str = "student",
+) -> dict[str, dict[str, Any]]:
+    """Evaluate a run directory's student, or a config's student and/or teachers, on ``data.eval``.
+
+    ``which``: ``student``, ``teachers`` or ``all``. Returns ``{model name: metrics}``.
+    """
+    from polydistill import models as M
+    from polydistill.data import load_sources
+    from polydistill.evaluation import evaluate_model
+
+    run_dir: Path | None = None
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        run_dir = Path(source)
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"{run_dir}: not a polydistill run directory (no config.json)")
+        cfg = load_config(json.loads((run_dir / "config.json").read_text()), overrides)
+    else:
+        cfg = load_config(source, overrides)
+    if not cfg.data.eval:
+        raise ConfigError("data.eval: no evaluation data configured")
+    data = load_sources(cfg.data.eval, cfg)
+    dc = cfg.data
+    targets: list[tuple[str, str, str | None]] = []
+    if which in ("student", "all"):
+        if run_dir is not None and (run_dir / "student").is_dir():
+            targets.append(("student", str(run_dir / "student"), None))
+        elif cfg.student.model:
+            targets.append(("student", cfg.resolve_path(cfg.student.model), cfg.student.tokenizer))
+        elif which == "student":
+            raise ConfigError("student: nothing to evaluate before training (give a run directory, or student.model)")
+    if which in ("teachers", "all"):
+        for name, t in zip(cfg.teacher_names(), cfg.teachers):
+            targets.append((f"teacher:{name}", cfg.resolve_path(t.model), t.tokenizer))
+    results = {}
+    for name, path, tok in targets:
+        model = M.load_model(path, cfg.task, cfg.labels, role=name)
+        labels = cfg.labels or M.model_labels(model)
+        tokenizer = M.load_tokenizer(cfg.resolve_path(tok) if tok else path, name)
+        results[name] = evaluate_model(model, tokenizer, data, cfg.task, labels, dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, cfg.pooling)
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]], metric: str) -> str:
+    """A per-language markdown table of one metric for several models."""
+    langs = sorted({lang for r in results.values() for lang in r["per_language"]})
+    head = "| model | " + " | ".join(langs) + " | average |"
+    rows = [head, "|---" * (len(langs) + 2) + "|"]
+    for name, r in results.items():
+        cells = [f"{r['per_language'].get(l, {}).get(metric, float('nan')):.3f}" for l in langs]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {r['average'].get(metric, float('nan')):.3f} |")
+    return "\n".join(rows)

@@ -1,0 +1,113 @@
+"""The objects hooks exchange: a training batch and a model's outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+Encoding = dict[str, torch.Tensor]
+
+
+def _to(value: Any, device: Any, non_blocking: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, dict):
+        return {k: _to(v, device, non_blocking) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to(v, device, non_blocking) for v in value]
+    return value
+
+
+@dataclass
+class Batch:
+    """One batch of examples, encoded for the student and for each teacher.
+
+    ``texts`` is what the student reads and ``teacher_texts`` what the teachers
+    read (the same list outside parallel mode); for token tasks each text is a
+    list of words. ``teacher_inputs[i]`` is the encoding for teacher ``i`` and
+    is the very same dict as ``student_inputs`` when both share tokenizer and
+    text. ``labels`` are class ids ``(B,)``, word-level tag ids ``(B, W)``
+    padded with -100, or None. ``student_words`` / ``teacher_words[i]`` map
+    each word to its first sub-word position ``(B, W)``, -1 for padding (token
+    tasks only). ``meta`` is free space for plugins.
+    """
+
+    texts: list[Any]
+    teacher_texts: list[Any]
+    langs: list[str]
+    student_inputs: Encoding
+    teacher_inputs: list[Encoding]
+    labels: torch.Tensor | None = None
+    student_words: torch.Tensor | None = None
+    teacher_words: list[torch.Tensor | None] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    encoder: Callable[..., Batch] | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def device(self) -> torch.device:
+        return self.student_inputs["input_ids"].device
+
+    def to(self, device: Any, non_blocking: bool = False) -> Batch:
+        """Move every tensor to ``device`` (accelerate calls this)."""
+        moved = {
+            f.name: _to(getattr(self, f.name), device, non_blocking)
+            for f in dataclasses.fields(self)
+            if f.name not in ("encoder", "texts", "teacher_texts", "langs", "meta")
+        }
+        shared = [t is self.student_inputs for t in self.teacher_inputs]
+        moved["teacher_inputs"] = [
+            moved["student_inputs"] if s else t for s, t in zip(shared, moved["teacher_inputs"])
+        ]
+        return dataclasses.replace(self, **moved)
+
+    def replace_texts(
+        self,
+        texts: list[Any] | None = None,
+        teacher_texts: list[Any] | None = None,
+        **meta: Any,
+    ) -> Batch:
+        """Return a new batch with changed texts, re-encoded for every model.
+
+        In ``same`` mode, changing ``texts`` alone changes what the teachers
+        read too, so teacher and student keep reading the same input.
+        """
+        if self.encoder is None:
+            raise RuntimeError("this batch has no encoder; it was not built by polydistill's collator")
+        same = self.teacher_texts is self.texts
+        new_texts = list(texts) if texts is not None else self.texts
+        if teacher_texts is not None:
+            new_teacher = list(teacher_texts)
+        else:
+            new_teacher = new_texts if same else self.teacher_texts
+        if len(new_texts) != len(self) or len(new_teacher) != len(self):
+            raise ValueError(f"replace_texts: expected {len(self)} texts, got {len(new_texts)} and {len(new_teacher)}")
+        batch = self.encoder(new_texts, new_teacher, self.langs, self.labels, {**self.meta, **meta})
+        return batch.to(self.device)
+
+
+@dataclass
+class ModelOutputs:
+    """A model's outputs in the form loss terms use.
+
+    ``logits``: ``(B, C)`` for sequence classification, ``(B, W, C)`` word-level
+    for token classification (first sub-word of each word). ``embeddings``:
+    pooled sentence embeddings ``(B, H)``. ``hidden_states`` and ``attentions``:
+    per-layer tuples as transformers returns them (only when a plugin asked
+    for them through ``state.need_hidden_states``/``need_attentions``).
+    ``mask``: ``(B, T)`` attention mask for hidden states; ``word_mask``:
+    ``(B, W)`` valid words for token logits.
+    """
+
+    logits: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    mask: torch.Tensor | None = None
+    word_mask: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

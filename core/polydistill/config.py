@@ -1,0 +1,359 @@
+"""The run configuration: pydantic models, file loading, overrides and readable errors."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from polydistill.errors import ConfigError
+
+Task = Literal["sequence_classification", "token_classification", "embedding"]
+
+
+class PluginSettings(BaseModel):
+    """Base class for a plugin's settings model: unknown options are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, (dict, BaseModel)) else value
+
+
+class TeacherConfig(_Strict):
+    """One teacher: a hub id or local path loaded with transformers' Auto classes."""
+
+    model: str = Field(description="Hub id or local directory of the teacher.")
+    name: str | None = Field(None, description="Name used in logs and by plugins; defaults to the model's folder name.")
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or path; defaults to `model`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    languages: list[str] | None = Field(None, description="Languages this teacher is strong in (used by teacher-selection plugins).")
+
+
+class FromTeacher(_Strict):
+    """Build the student from a teacher by keeping some of its layers (DistilBERT-style)."""
+
+    teacher: str | int = Field(0, description="Teacher name or index in `teachers`.")
+    layers: list[int] = Field(description="Teacher layer indices to keep, in order, e.g. [0, 2, 4].")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("keep at least one layer")
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return v
+
+
+class StudentConfig(_Strict):
+    """The student: exactly one of `model`, `from_teacher` or `config`."""
+
+    model: str | None = Field(None, description="Hub id or local directory of a pretrained student.")
+    from_teacher: FromTeacher | None = Field(None, description="Initialise from a subset of a teacher's layers.")
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Build a randomly initialised model: `base` (hub id or path whose config is the "
+        "starting point) plus config fields to override, e.g. {base: bert-base-multilingual-cased, num_hidden_layers: 4}.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or path; defaults to the model's (or the base's/teacher's).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StudentConfig:
+        given = [k for k in ("model", "from_teacher", "config") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of model, from_teacher, config (got {given or 'none'})")
+        if self.config is not None and "base" not in self.config:
+            raise ValueError("config needs a `base` (hub id or path of the model whose config to start from)")
+        return self
+
+
+class Columns(_Strict):
+    """Which dataset columns hold what."""
+
+    text: str = Field("text", description="Text the student reads (for token tasks: a list of words).")
+    source: str | None = Field(None, description="Text the teacher reads in parallel mode (source language).")
+    label: str | None = Field(None, description="Gold label (class name or id; for token tasks a list of tags).")
+    lang: str | None = Field(None, description="Language tag of each row; else the source's `lang`.")
+
+
+class DataSource(_Strict):
+    """One dataset: a local file, aligned plain-text files, or a hub dataset id."""
+
+    path: str | None = Field(None, description="File (jsonl, json, csv, tsv, parquet) or hub dataset id.")
+    aligned: dict[str, str] | None = Field(
+        None,
+        description="Plain text files with one sentence a line, line-aligned, as {column: file}, "
+        "e.g. {en: tatoeba.deu-eng.eng, de: tatoeba.deu-eng.deu}.",
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "hub"] = Field("auto", description="File format; auto guesses from the extension.")
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read (files and hub datasets).")
+    lang: str | None = Field(None, description="Language tag for every row (when there is no lang column).")
+    columns: Columns = Field(default_factory=Columns, description="Column mapping.")
+    filter: dict[str, Any] | None = Field(None, description="Keep only rows whose columns equal these values, e.g. {split: train}.")
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
+    streaming: bool = Field(False, description="Stream rows instead of loading them (corpora larger than memory).")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> DataSource:
+        if (self.path is None) == (self.aligned is None):
+            raise ValueError("give exactly one of path, aligned")
+        return self
+
+
+class DataConfig(_Strict):
+    """Training and evaluation data, tokenization and batching."""
+
+    train: list[DataSource] = Field(description="One source or a list of sources, concatenated.")
+    eval: list[DataSource] = Field(default_factory=list, description="Evaluation sources; metrics are reported per language.")
+    max_length: int = Field(128, ge=2, description="Truncate each text to this many tokens.")
+    batch_size: int = Field(32, ge=1, description="Training batch size per device.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; defaults to 2 x batch_size.")
+    length_grouping: bool = Field(True, description="Group texts of similar length into batches (less padding).")
+    padding: Literal["longest", "max_length"] = Field("longest", description="Pad to the longest text in the batch, or always to max_length.")
+    shuffle: bool = Field(True, description="Shuffle training batches each epoch.")
+    stream_buffer: int = Field(10000, ge=1, description="Rows buffered for shuffling and length grouping when streaming.")
+
+    _as_list = field_validator("train", "eval", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+
+
+class TrainingConfig(_Strict):
+    """Optimisation, schedule, precision, logging and checkpoints."""
+
+    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a fraction of all steps (used when warmup_steps is 0).")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, description="Clip gradients to this norm; null disables.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 42
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default leaves torch's choice.")
+    log_every: int = Field(10, ge=1, description="Log averaged loss terms every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps; default: after each epoch.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps; default: after each epoch.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class CacheConfig(_Strict):
+    """Teacher-output cache: teacher logits/embeddings stored on disk by input text."""
+
+    enabled: bool = False
+    dir: str | None = Field(None, description="Cache directory; default ~/.cache/polydistill/teacher-outputs.")
+    dtype: Literal["float16", "float32"] = Field("float32", description="Storage precision of cached outputs.")
+
+
+class Config(_Strict):
+    """A polydistill run."""
+
+    task: Task = Field(description="sequence_classification, token_classification or embedding.")
+    mode: Literal["same", "parallel"] = Field(
+        "same", description="same: teacher and student read the same text; parallel: the teacher reads columns.source."
+    )
+    labels: list[str] | None = Field(None, description="Label names (classification); default: the teacher's id2label.")
+    pooling: Literal["mean", "cls"] = Field("mean", description="Sentence embedding pooling (embedding task).")
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="Teachers; none means plain fine-tuning.")
+    student: StudentConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    plugins: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Plugins to enable, in order, as {name: options}; `name: false` disables a default plugin.",
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    output_dir: str = Field("runs/polydistill", description="Where checkpoints, logs and the student are written.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = Field(
+        default_factory=list, description="Experiment trackers, through accelerate."
+    )
+    project_name: str = Field("polydistill", description="Tracker project name.")
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    _teachers_list = field_validator("teachers", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.mode == "parallel":
+            missing = [i for i, s in enumerate(self.data.train) if s.columns.source is None]
+            if missing:
+                raise ValueError(f"mode 'parallel' needs data.train[{missing[0]}].columns.source (the column the teacher reads)")
+        if self.student.from_teacher is not None:
+            ref = self.student.from_teacher.teacher
+            names = self.teacher_names()
+            if isinstance(ref, int) and not 0 <= ref < len(names):
+                raise ValueError(f"student.from_teacher.teacher={ref} but there are {len(names)} teachers")
+            if isinstance(ref, str) and ref not in names:
+                raise ValueError(f"student.from_teacher.teacher={ref!r} is not one of the teachers {names}")
+        names = self.teacher_names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}; set `name` on each teacher")
+        return self
+
+    def teacher_names(self) -> list[str]:
+        return [t.name or Path(t.model.rstrip("/")).name for t in self.teachers]
+
+    def resolve_path(self, value: str) -> str:
+        """A relative path is read relative to the config file when it exists there."""
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        candidate = self._base_dir / p
+        return str(candidate) if candidate.exists() else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file into a dict, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.learning_rate=3e-5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+        node: Any = data
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'value'} is a list of {len(node)}; '{part}' is not an index in it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+            if last:
+                node[part] = value
+            else:
+                child = node[part] if isinstance(node, list) else node.get(part)
+                if not isinstance(child, (dict, list)):
+                    child = node[part] = {}
+                elif isinstance(child, dict) and parts[i + 1].isdigit():
+                    child = node[part] = [child]  # a single mapping given for a list field
+                node = child
+    return data
+
+
+def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:
+    """Load and validate a config from a YAML/JSON file, a dict or a Config."""
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        source = source.to_dict()
+    base_dir = Path.cwd()
+    if isinstance(source, dict):
+        data = json.loads(json.dumps(source))  # deep copy; overrides must not touch the caller's dict
+        origin = "config"
+    else:
+        data = read_config_file(source)
+        base_dir = Path(source).resolve().parent
+        origin = str(source)
+    apply_overrides(data, list(overrides or []))
+    data.pop("$schema", None)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, Config, origin)) from None
+    config._base_dir = base_dir
+    return config
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    if typing.get_origin(annotation) in (Union, types.UnionType, list, tuple, dict) or typing.get_args(annotation):
+        for arg in typing.get_args(annotation):
+            found.extend(_models_in(arg))
+    return found
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        models = _models_in(field.annotation)
+        model = models[0] if models else None
+    return model
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], origin: str, prefix: tuple[Any, ...] = ()) -> str:
+    """Turn a pydantic ValidationError into lines naming each field, with suggestions."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = _path(prefix + loc)
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else (f"; valid options: {', '.join(allowed)}" if allowed else "")
+            lines.append(f"  {where}: unknown option{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required option is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+            lines.append(f"  {where}: {msg}{shown}")
+    n = len(lines)
+    return f"{origin}: {n} invalid option{'s' if n != 1 else ''}:\n" + "\n".join(lines)
+
+
+def schema() -> dict[str, Any]:
+    """JSON schema of the core config (plugin sections are validated by each plugin)."""
+    return Config.model_json_schema()

@@ -1,0 +1,384 @@
+"""Reading datasets, encoding batches for every model, and length-aware batching."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from polydistill.batch import Batch
+from polydistill.config import Config, DataSource
+from polydistill.errors import DataError
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+
+
+def _describe(source: DataSource) -> str:
+    return source.path if source.path is not None else ", ".join(f"{k}={v}" for k, v in (source.aligned or {}).items())
+
+
+def _aligned_rows(files: dict[str, str]) -> Iterator[dict[str, str]]:
+    handles = {col: open(path, encoding="utf-8") for col, path in files.items()}
+    try:
+        for n, lines in enumerate(itertools.zip_longest(*handles.values()), start=1):
+            if any(line is None for line in lines):
+                short = [col for col, line in zip(handles, lines) if line is None]
+                raise DataError(f"aligned files differ in length: {', '.join(files[c] for c in short)} end(s) before line {n}")
+            yield {col: line.rstrip("\n").rstrip("\r") for col, line in zip(handles, lines)}
+    finally:
+        for h in handles.values():
+            h.close()
+
+
+def load_source(source: DataSource, config: Config) -> Any:
+    """Load one source as a ``datasets`` Dataset (or IterableDataset when streaming)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    where = _describe(source)
+    try:
+        if source.aligned is not None:
+            files = {col: config.resolve_path(p) for col, p in source.aligned.items()}
+            for col, path in files.items():
+                if not Path(path).is_file():
+                    raise DataError(f"data: aligned file for column '{col}' not found: {path}")
+            if source.streaming:
+                ds = datasets.IterableDataset.from_generator(_aligned_rows, gen_kwargs={"files": files})
+            else:
+                rows = list(_aligned_rows(files))
+                ds = datasets.Dataset.from_dict({col: [r[col] for r in rows] for col in files})
+        else:
+            path = config.resolve_path(source.path)
+            fmt = source.format
+            if fmt == "auto":
+                fmt = _FORMATS.get(Path(path).suffix.lower(), "hub")
+                if fmt == "hub" and Path(path).exists():
+                    raise DataError(f"data: cannot tell the format of {path}; set `format` (jsonl, csv, tsv, parquet)")
+            if fmt != "hub" and not Path(path).exists():
+                raise DataError(f"data: file not found: {path}")
+            if fmt == "hub":
+                ds = datasets.load_dataset(path, source.name, split=source.split, streaming=source.streaming)
+            else:
+                builder = {"jsonl": "json", "tsv": "csv"}.get(fmt, fmt)
+                kwargs: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if fmt == "tsv" else {}
+                ds = datasets.load_dataset(builder, data_files={"train": path}, split="train", streaming=source.streaming, **kwargs)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"data: cannot read {where}: {type(exc).__name__}: {exc}") from None
+    return normalise(ds, source, config, where)
+
+
+def normalise(ds: Any, source: DataSource, config: Config, where: str) -> Any:
+    """Keep and rename the mapped columns to text/source/label/lang; apply filter and limit."""
+    cols = source.columns
+    names = list(ds.column_names or [])
+    wanted = {"text": cols.text, "source": cols.source, "label": cols.label, "lang": cols.lang}
+    for role, col in wanted.items():
+        if col is not None and names and col not in names:
+            raise DataError(f"data {where}: column '{col}' (columns.{role}) not found; columns are: {', '.join(names)}")
+    for key in (source.filter or {}):
+        if names and key not in names:
+            raise DataError(f"data {where}: filter column '{key}' not found; columns are: {', '.join(names)}")
+    if source.filter:
+        expected = dict(source.filter)
+        ds = ds.filter(lambda row: all(row[k] == v for k, v in expected.items()))
+    if source.limit is not None:
+        ds = ds.take(source.limit) if source.streaming else ds.select(range(min(source.limit, len(ds))))
+    keep = {col: role for role, col in wanted.items() if col is not None}
+    ds = ds.select_columns(list(keep))
+    ds = ds.rename_columns({c: r for c, r in keep.items() if c != r}) if any(c != r for c, r in keep.items()) else ds
+    if "lang" not in keep.values():
+        lang = source.lang or "und"
+        if source.streaming:
+            ds = ds.map(lambda row: {"lang": lang})
+        else:
+            ds = ds.add_column("lang", [lang] * len(ds))
+    return ds
+
+
+def load_sources(sources: list[DataSource], config: Config) -> Any:
+    """Load and concatenate sources (all streaming or none)."""
+    import datasets
+
+    loaded = [load_source(s, config) for s in sources]
+    if len(loaded) == 1:
+        return loaded[0]
+    if len({s.streaming for s in sources}) > 1:
+        raise DataError("data: mix of streaming and non-streaming sources; set `streaming` the same on all")
+    try:
+        return datasets.concatenate_datasets(loaded)
+    except Exception as exc:
+        raise DataError(f"data: sources cannot be combined (columns or types differ): {exc}") from None
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    return a is b or a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+
+
+class Collator:
+    """Encode raw rows into a :class:`Batch` for the student and every teacher."""
+
+    def __init__(
+        self,
+        task: str,
+        student_tokenizer: Any,
+        teacher_tokenizers: list[Any],
+        max_length: int,
+        padding: str = "longest",
+        labels: list[str] | None = None,
+        parallel: bool = False,
+    ):
+        self.task = task
+        self.student_tokenizer = student_tokenizer
+        # None: the teacher shares the student's tokenizer, so it can share the encoding.
+        self.teacher_tokenizers = [None if same_tokenizer(t, student_tokenizer) else t for t in teacher_tokenizers]
+        self.max_length = max_length
+        self.padding = padding
+        self.labels = labels
+        self.label2id = {name: i for i, name in enumerate(labels or [])}
+        self.parallel = parallel
+        self.words = task == "token_classification"
+
+    def __call__(self, rows: dict[str, list[Any]]) -> Batch:
+        texts = rows["text"]
+        teacher_texts = rows["source"] if self.parallel else texts
+        labels = self.encode_labels(rows.get("label"), texts) if "label" in rows else None
+        meta = {"index": rows["__index__"]} if "__index__" in rows else {}
+        return self.encode(texts, teacher_texts, rows["lang"], labels, meta)
+
+    def encode_labels(self, raw: list[Any] | None, texts: list[Any]) -> torch.Tensor | None:
+        if raw is None or self.task == "embedding":
+            return None
+        if self.task == "sequence_classification":
+            return torch.tensor([self._label_id(v) for v in raw], dtype=torch.long)
+        width = max((len(t) for t in texts), default=0)
+        out = torch.full((len(raw), width), -100, dtype=torch.long)
+        for i, (tags, words) in enumerate(zip(raw, texts)):
+            if len(tags) != len(words):
+                raise DataError(f"row with {len(words)} words has {len(tags)} labels: {' '.join(map(str, words))[:80]}")
+            out[i, : len(tags)] = torch.tensor([self._label_id(t) for t in tags], dtype=torch.long)
+        return out
+
+    def _label_id(self, value: Any) -> int:
+        if isinstance(value, str) and value in self.label2id:
+            return self.label2id[value]
+        if isinstance(value, (int, np.integer)) and 0 <= int(value) < max(len(self.label2id), 1):
+            return int(value)
+        known = ", ".join(self.label2id) or "none"
+        raise DataError(f"label {value!r} (column `label`) is not one of the labels: {known}")
+
+    def _encode_one(self, tokenizer: Any, texts: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        if self.words and (not texts or not isinstance(texts[0], (list, tuple))):
+            raise DataError("token_classification needs each text as a list of words (columns.text)")
+        enc = tokenizer(
+            list(texts),
+            is_split_into_words=self.words,
+            truncation=True,
+            max_length=self.max_length,
+            padding=self.padding,
+            return_tensors="pt",
+        )
+        words = None
+        if self.words:
+            width = max((len(t) for t in texts), default=0)
+            words = torch.full((len(texts), width), -1, dtype=torch.long)
+            for i in range(len(texts)):
+                last = None
+                for pos, w in enumerate(enc.word_ids(i)):
+                    if w is not None and w != last:
+                        words[i, w] = pos
+                    last = w
+        inputs = {k: v for k, v in enc.items() if k in tokenizer.model_input_names}
+        return inputs, words
+
+    def encode(self, texts: list[Any], teacher_texts: list[Any], langs: list[str], labels: torch.Tensor | None, meta: dict[str, Any]) -> Batch:
+        student_inputs, student_words = self._encode_one(self.student_tokenizer, texts)
+        teacher_inputs, teacher_words = [], []
+        cache: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None]] = {}
+        for tok in self.teacher_tokenizers:
+            if tok is None and teacher_texts is texts:
+                teacher_inputs.append(student_inputs)
+                teacher_words.append(student_words)
+                continue
+            key = id(tok)
+            if key not in cache:
+                cache[key] = self._encode_one(tok or self.student_tokenizer, teacher_texts)
+            teacher_inputs.append(cache[key][0])
+            teacher_words.append(cache[key][1])
+        if labels is not None and student_words is not None and labels.size(1) != student_words.size(1):
+            raise DataError("augmented token-task text changed the number of words; labels no longer align")
+        return Batch(
+            texts=texts,
+            teacher_texts=teacher_texts,
+            langs=list(langs),
+            student_inputs=student_inputs,
+            teacher_inputs=teacher_inputs,
+            labels=labels,
+            student_words=student_words,
+            teacher_words=teacher_words,
+            meta=meta,
+            encoder=self.encode,
+        )
+
+    def lengths(self, texts: list[Any], chunk: int = 4096) -> np.ndarray:
+        """Token counts (after truncation) of ``texts`` under the student's tokenizer."""
+        out = np.empty(len(texts), dtype=np.int32)
+        for start in range(0, len(texts), chunk):
+            part = list(texts[start : start + chunk])
+            ids = self.student_tokenizer(part, is_split_into_words=self.words, truncation=True, max_length=self.max_length)["input_ids"]
+            out[start : start + len(part)] = [len(x) for x in ids]
+        return out
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def plan_batches(
+    lengths: np.ndarray | None,
+    n: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    group: bool,
+    megabatch: int = 50,
+) -> list[np.ndarray]:
+    """Index batches for one epoch; deterministic for a seed.
+
+    With ``group``, indices are shuffled, cut into mega-batches of
+    ``batch_size * megabatch``, each sorted by length and cut into batches,
+    and the batch order shuffled: batches hold texts of similar length while
+    the epoch stays random.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if group and lengths is not None:
+        if shuffle:
+            size = batch_size * megabatch
+            order = np.concatenate(
+                [chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, math.ceil(n / size)))]
+            ) if n else order
+        else:
+            order = np.argsort(-lengths, kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if shuffle and group and len(batches) > 1:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+class Loader:
+    """Yields encoded batches of an in-memory dataset: one shard of a seeded epoch plan."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        collator: Collator,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        group: bool,
+        num_shards: int = 1,
+        shard: int = 0,
+    ):
+        self.dataset = dataset
+        self.collator = collator
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_shards = num_shards
+        self.shard = shard
+        self.lengths = collator.lengths(dataset["text"]) if group else None
+        self.group = group
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        plan = plan_batches(self.lengths, len(self.dataset), self.batch_size, self.seed + epoch, self.shuffle, self.group)
+        per_shard = len(plan) // self.num_shards if self.num_shards > 1 else len(plan)
+        return plan[self.shard :: self.num_shards][:per_shard]
+
+    def __len__(self) -> int:
+        n = math.ceil(len(self.dataset) / self.batch_size)
+        return n // self.num_shards if self.num_shards > 1 else n
+
+    def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch``, leaving out the first ``skip`` (resume)."""
+        for idx in self.batches(epoch)[skip:]:
+            rows = self.dataset[idx.tolist()] if len(idx) else {}
+            rows["__index__"] = idx.tolist()
+            yield self.collator(rows)
+
+    def padding_stats(self, epoch: int = 0) -> float:
+        """Fraction of real (non-pad) tokens in the epoch's batches."""
+        if self.lengths is None:
+            self.lengths = self.collator.lengths(self.dataset["text"])
+        real = padded = 0
+        for idx in self.batches(epoch):
+            ls = self.lengths[idx]
+            real += int(ls.sum())
+            width = self.collator.max_length if self.collator.padding == "max_length" else int(ls.max())
+            padded += width * len(idx)
+        return real / max(padded, 1)
+
+
+class StreamLoader:
+    """Yields encoded batches from a streamed dataset with memory bounded by ``buffer`` rows.
+
+    Rows are read ``buffer`` at a time; each buffer is shuffled (seeded), sorted
+    by length in mega-batches when grouping, and cut into batches.
+    """
+
+    def __init__(self, dataset: Any, collator: Collator, batch_size: int, seed: int, shuffle: bool, group: bool, buffer: int, num_shards: int = 1, shard: int = 0):
+        self.dataset = dataset
+        self.collator = collator
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group = group
+        self.buffer = max(buffer, batch_size)
+        self.num_shards = num_shards
+        self.shard = shard
+
+    def __len__(self) -> int:
+        raise TypeError("a streamed dataset has no length; set training.max_steps")
+
+    def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+        rows = iter(self.dataset)
+        count = 0
+        for part in itertools.count():
+            chunk = list(itertools.islice(rows, self.buffer))
+            if not chunk:
+                return
+            texts = [r["text"] for r in chunk]
+            lengths = self.collator.lengths(texts) if self.group else None
+            plan = plan_batches(lengths, len(chunk), self.batch_size, self.seed + 1000003 * epoch + part, self.shuffle, self.group)
+            for b, idx in enumerate(plan):
+                if b % self.num_shards != self.shard:
+                    continue
+                count += 1
+                if count <= skip:
+                    continue
+                picked = [chunk[i] for i in idx]
+                cols = {k: [r[k] for r in picked] for k in picked[0]}
+                yield self.collator(cols)
+
+
+def make_loader(dataset: Any, collator: Collator, batch_size: int, seed: int, shuffle: bool, group: bool, buffer: int = 10000, num_shards: int = 1, shard: int = 0) -> Loader | StreamLoader:
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return StreamLoader(dataset, collator, batch_size, seed, shuffle, group, buffer, num_shards, shard)
+    return Loader(dataset, collator, batch_size, seed, shuffle, group, num_shards, shard)
+
+
+def languages(dataset: Any) -> list[str]:
+    return sorted(set(dataset["lang"])) if hasattr(dataset, "__len__") else []
+
+
+def iter_rows(dataset: Any) -> Iterable[dict[str, Any]]:
+    return iter(dataset)

@@ -1,0 +1,101 @@
+"""Evaluation of one model per language: classification, token tagging, bitext retrieval."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from polydistill import metrics as M
+from polydistill.data import Collator, Loader
+from polydistill.models import forward
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    task: str,
+    labels: list[str] | None = None,
+    max_length: int = 128,
+    batch_size: int = 64,
+    pooling: str = "mean",
+    device: Any = None,
+) -> dict[str, Any]:
+    """Score ``model`` on ``dataset`` (normalised columns text/source/label/lang).
+
+    Returns ``{"per_language": {lang: {metric: value}}, "average": {...}, "num_examples": n}``.
+    Classification: accuracy and macro-F1; token tasks: token accuracy/F1 and
+    entity F1 for BIO tags; embeddings: Tatoeba-style retrieval accuracy in
+    both directions between the ``source`` and ``text`` columns.
+    """
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    collator = Collator(task, tokenizer, [], max_length, "longest", labels)
+    loader = Loader(dataset, collator, batch_size, seed=0, shuffle=False, group=True)
+    langs = dataset["lang"]
+    per_lang: dict[str, dict[str, float]] = {}
+    try:
+        if task == "embedding":
+            if "source" not in dataset.column_names:
+                raise ValueError("embedding evaluation needs columns.source (the other side of each pair)")
+            text_emb = _embed(model, loader, len(dataset), device, task, pooling)
+            src_loader = Loader(dataset.rename_columns({"text": "_t", "source": "text"}), collator, batch_size, 0, False, True)
+            src_emb = _embed(model, src_loader, len(dataset), device, task, pooling)
+            groups = defaultdict(list)
+            for i, lang in enumerate(langs):
+                groups[lang].append(i)
+            for lang, idx in sorted(groups.items()):
+                per_lang[lang] = M.retrieval_accuracy(src_emb[idx], text_emb[idx])
+        else:
+            if "label" not in dataset.column_names:
+                raise ValueError("classification evaluation needs columns.label")
+            preds: dict[str, list[Any]] = defaultdict(list)
+            refs: dict[str, list[Any]] = defaultdict(list)
+            for batch in loader.iterate():
+                batch = batch.to(device)
+                out = forward(model, batch.student_inputs, task, batch.student_words, pooling)
+                pred = out.logits.argmax(-1).cpu()
+                gold = batch.labels.cpu()
+                for j, row in enumerate(batch.meta["index"]):
+                    lang = langs[row]
+                    if task == "sequence_classification":
+                        preds[lang].append(int(pred[j]))
+                        refs[lang].append(int(gold[j]))
+                    else:
+                        keep = gold[j] != -100
+                        name = (lambda k: labels[k]) if labels else str
+                        refs[lang].append([name(int(k)) for k in gold[j][keep]])
+                        preds[lang].append([name(int(k)) for k in pred[j][keep]])
+            for lang in sorted(preds):
+                if task == "sequence_classification":
+                    per_lang[lang] = M.classification_metrics(preds[lang], refs[lang])
+                else:
+                    per_lang[lang] = M.token_metrics(preds[lang], refs[lang])
+    finally:
+        model.train(was_training)
+    return {
+        "per_language": per_lang,
+        "average": M.average_over_languages(per_lang) if per_lang else {},
+        "num_examples": len(dataset),
+    }
+
+
+def _embed(model: torch.nn.Module, loader: Loader, n: int, device: Any, task: str, pooling: str) -> torch.Tensor:
+    out: torch.Tensor | None = None
+    for batch in loader.iterate():
+        batch = batch.to(device)
+        emb = forward(model, batch.student_inputs, task, None, pooling).embeddings.float().cpu()
+        if out is None:
+            out = torch.empty(n, emb.size(-1))
+        out[torch.tensor(batch.meta["index"])] = emb
+    assert out is not None
+    return out
+
+
+def primary_metric(task: str) -> str:
+    """The metric a table shows first for ``task``."""
+    return {"sequence_classification": "accuracy", "token_classification": "token_accuracy", "embedding": "mean"}[task]

@@ -1,0 +1,488 @@
+"""The training loop: one step, the run around it, and the state hooks see.
+
+Reading order: ``TrainState`` (what plugins get), ``Trainer.__init__`` (build
+everything), ``Trainer.fit`` (epochs, logging, evaluation, checkpoints) and
+``Trainer.step`` (the hook points of one step). The loop has no device code:
+accelerate places models and batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device, set_seed
+from torch import nn
+
+from polydistill import checkpoint as ckpt
+from polydistill import models as M
+from polydistill.batch import Batch, ModelOutputs
+from polydistill.cache import TeacherCache, fingerprint, stack_padded
+from polydistill.config import Config, load_config
+from polydistill.data import Collator, load_sources, make_loader
+from polydistill.errors import ConfigError, PluginError
+from polydistill.evaluation import evaluate_model
+from polydistill.plugins import PluginHost
+
+
+@dataclass
+class TrainState:
+    """What every hook receives as ``state``: the run's models, settings and progress."""
+
+    config: Config
+    accelerator: Accelerator
+    student: nn.Module
+    teachers: list[nn.Module]
+    teacher_names: list[str]
+    student_tokenizer: Any
+    teacher_tokenizers: list[Any]
+    labels: list[str] | None
+    plugins: PluginHost
+    output_dir: Path
+    #: Per teacher: True when it reads exactly the student's tokens (same tokenizer, same text).
+    same_tokens: list[bool] = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    total_steps: int = 0
+    #: Set by plugins (before the first step) that need per-layer outputs.
+    need_hidden_states: bool = False
+    need_attentions: bool = False
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+    def settings(self, plugin: str) -> Any:
+        """The validated settings of an enabled plugin (None if it has no settings model)."""
+        return self.plugins.settings.get(plugin)
+
+    def rng(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded by (seed, step, salt): the same choices after a resume."""
+        return torch.Generator().manual_seed(hash((self.config.training.seed, self.step, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+    def unwrapped_student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student)
+
+
+class Trainer:
+    """Builds a run from a config and trains it."""
+
+    def __init__(self, config: Config | dict | str, plugins: Iterable[tuple[str, Any]] = (), output_dir: str | None = None):
+        self.config = config = load_config(config)
+        tc = config.training
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        set_seed(tc.seed)
+        self.output_dir = Path(output_dir or config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=tc.mixed_precision,
+            gradient_accumulation_steps=tc.gradient_accumulation_steps,
+            log_with=config.trackers or None,
+            project_dir=str(self.output_dir),
+        )
+        self.host = PluginHost.from_config(config.plugins, plugins)
+
+        # Models: teachers first (a student may be cut from one), labels, then the student.
+        teachers, teacher_toks = [], []
+        for i, t in enumerate(config.teachers):
+            role = f"teachers[{i}]"
+            teachers.append(M.load_model(config.resolve_path(t.model), config.task, config.labels, t.revision, role).eval())
+            teacher_toks.append(M.load_tokenizer(config.resolve_path(t.tokenizer or t.model), role))
+        labels = config.labels or (M.model_labels(teachers[0]) if teachers and config.task != "embedding" else None)
+        if config.task != "embedding" and not labels:
+            raise ConfigError("labels: give the label names (the run has no teacher to take them from)")
+        student, student_tok = self._build_student(teachers, teacher_toks, labels)
+        for t in teachers:
+            if config.task != "embedding" and t.config.num_labels != len(labels or []):
+                raise ConfigError(f"labels: {len(labels or [])} labels but a teacher has {t.config.num_labels}; give `labels` matching the teachers")
+            t.requires_grad_(False)
+
+        # Data
+        dc = config.data
+        self.train_data = load_sources(dc.train, config)
+        self.collator = Collator(config.task, student_tok, teacher_toks, dc.max_length, dc.padding, labels, config.mode == "parallel")
+        acc = self.accelerator
+        self.loader = make_loader(
+            self.train_data, self.collator, dc.batch_size, tc.seed, dc.shuffle, dc.length_grouping,
+            dc.stream_buffer, acc.num_processes, acc.process_index,
+        )
+        self.eval_data = load_sources(dc.eval, config) if dc.eval else None
+        if self.eval_data is not None and not hasattr(self.eval_data, "__len__"):
+            raise ConfigError("data.eval: evaluation sources cannot be streamed")
+
+        same = [tok is None and config.mode == "same" for tok in self.collator.teacher_tokenizers]
+        self.state = state = TrainState(
+            config=config, accelerator=acc, student=student, teachers=teachers, teacher_names=config.teacher_names(),
+            student_tokenizer=student_tok, teacher_tokenizers=teacher_toks, labels=labels, plugins=self.host,
+            output_dir=self.output_dir, same_tokens=same,
+        )
+        state.total_steps = self._total_steps()
+
+        # Plugin modules join the student's optimizer; then everything is placed.
+        for plugin, mods in self.host.per_plugin("trainable_modules", state=state).items():
+            for name, module in mods.items():
+                state.modules[f"{plugin}.{name}"] = module
+        self.plugin_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in state.modules.items()})
+        state.optimizer = self._optimizer(student, self.plugin_modules)
+        state.student, state.optimizer, self.plugin_modules = acc.prepare(student, state.optimizer, self.plugin_modules)
+        state.modules = {k: self.plugin_modules[k.replace(".", "__")] for k in state.modules}
+        state.teachers = [acc.prepare_model(t, evaluation_mode=True) for t in teachers]
+        state.scheduler = self._scheduler(state.optimizer)
+        self.caches = self._caches()
+        self.host.call("setup", state=state)
+
+    # ------------------------------------------------------------------ building
+
+    def _build_student(self, teachers: list[nn.Module], teacher_toks: list[Any], labels: list[str] | None) -> tuple[nn.Module, Any]:
+        sc, config = self.config.student, self.config
+        if sc.from_teacher is not None:
+            ref = sc.from_teacher.teacher
+            idx = ref if isinstance(ref, int) else config.teacher_names().index(ref)
+            student = M.student_from_teacher(teachers[idx], sc.from_teacher.layers, config.task, labels)
+            tok = M.load_tokenizer(config.resolve_path(sc.tokenizer), "student.tokenizer") if sc.tokenizer else teacher_toks[idx]
+        elif sc.config is not None:
+            base = config.resolve_path(sc.config["base"])
+            overrides = {k: v for k, v in sc.config.items() if k != "base"}
+            student = M.student_from_config(base, overrides, config.task, labels)
+            tok = M.load_tokenizer(config.resolve_path(sc.tokenizer or sc.config["base"]), "student.tokenizer")
+        else:
+            student = M.load_model(config.resolve_path(sc.model), config.task, labels, role="student.model")
+            tok = M.load_tokenizer(config.resolve_path(sc.tokenizer or sc.model), "student.tokenizer")
+        return student.train(), tok
+
+    def _total_steps(self) -> int:
+        tc = self.config.training
+        if tc.max_steps:
+            return tc.max_steps
+        try:
+            per_epoch = len(self.loader)
+        except TypeError:
+            raise ConfigError("training.max_steps: required when the training data is streamed") from None
+        return max(1, math.ceil(per_epoch / tc.gradient_accumulation_steps)) * tc.epochs
+
+    def _optimizer(self, student: nn.Module, extra: nn.Module) -> torch.optim.Optimizer:
+        tc = self.config.training
+        decay, no_decay = [], []
+        for module in (student, extra):
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if tc.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=tc.learning_rate, momentum=0.9)
+        cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        return cls(groups, lr=tc.learning_rate, betas=tc.betas)
+
+    def _scheduler(self, optimizer: Any) -> Any:
+        from transformers import get_scheduler
+
+        tc = self.config.training
+        warmup = tc.warmup_steps or int(tc.warmup_ratio * self.state.total_steps)
+        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[tc.scheduler]
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=self.state.total_steps)
+
+    def _caches(self) -> list[TeacherCache | None]:
+        cc = self.config.cache
+        if not cc.enabled:
+            return [None] * len(self.state.teachers)
+        directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
+        settings = {"task": self.config.task, "pooling": self.config.pooling, "max_length": self.config.data.max_length}
+        return [TeacherCache(directory, fingerprint(self.accelerator.unwrap_model(t)), settings, cc.dtype) for t in self.state.teachers]
+
+    # ------------------------------------------------------------------ one step
+
+    def teacher_forward(self, batch: Batch) -> ModelOutputs | None:
+        """select_teachers -> teacher_outputs, with the core defaults when no plugin answers."""
+        state = self.state
+        if not state.teachers:
+            return None
+        weights = self.host.single("select_teachers", batch=batch, teachers=state.teachers, state=state)
+        if weights is None:
+            weights = torch.full((len(state.teachers),), 1.0 / len(state.teachers), device=state.device)
+        with torch.no_grad():
+            fused = self.host.single("teacher_outputs", batch=batch, teachers=state.teachers, weights=weights, state=state)
+            return fused if fused is not None else self.default_teacher_outputs(batch, weights)
+
+    def run_teacher(self, i: int, batch: Batch) -> ModelOutputs:
+        """Teacher ``i``'s outputs for ``batch``, from the cache when possible."""
+        state, cache = self.state, self.caches[i]
+        per_layer = state.need_hidden_states or state.need_attentions
+        texts = batch.teacher_texts
+        if cache is not None and not per_layer:
+            hit = cache.get_many(texts)
+            if hit is not None:
+                value = stack_padded(hit, state.device)
+                if self.config.task == "embedding":
+                    return ModelOutputs(embeddings=value)
+                out = ModelOutputs(logits=value)
+                if batch.teacher_words[i] is not None:
+                    out.word_mask = batch.teacher_words[i] >= 0
+                    out.logits = out.logits[:, : out.word_mask.size(1)]
+                return out
+        with self.accelerator.autocast():
+            out = M.forward(
+                state.teachers[i], batch.teacher_inputs[i], self.config.task, batch.teacher_words[i],
+                self.config.pooling, state.need_hidden_states, state.need_attentions,
+            )
+        if cache is not None and not per_layer:
+            value = (out.embeddings if out.embeddings is not None else out.logits).float().cpu().numpy()
+            if out.word_mask is not None:
+                lens = out.word_mask.sum(1).cpu().tolist()
+                cache.put_many(texts, [v[:n] for v, n in zip(value, lens)])
+            else:
+                cache.put_many(texts, list(value))
+        return out
+
+    def default_teacher_outputs(self, batch: Batch, weights: torch.Tensor) -> ModelOutputs:
+        """Run each teacher with non-zero weight and average logits/embeddings by weight."""
+        fused: ModelOutputs | None = None
+        for i in range(len(self.state.teachers)):
+            w = weights[..., i]
+            if not bool((w != 0).any()):
+                continue
+            out = self.run_teacher(i, batch)
+            value = out.logits if out.logits is not None else out.embeddings
+            scaled = value * (w.view(-1, *[1] * (value.dim() - 1)) if w.dim() else w)
+            if fused is None:
+                fused = out
+                fused.extra["teacher_index"] = i
+                field_name = "logits" if out.logits is not None else "embeddings"
+                setattr(fused, field_name, scaled)
+            elif fused.logits is not None:
+                fused.logits = fused.logits + scaled
+            else:
+                fused.embeddings = fused.embeddings + scaled
+        if fused is None:
+            raise PluginError("select_teachers gave every teacher weight 0 for a batch", hook="select_teachers")
+        return fused
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One training micro-step through every hook point; returns the logged values."""
+        state, host, acc = self.state, self.host, self.accelerator
+        batch = host.augment_batch(batch, state)
+        teacher_out = self.teacher_forward(batch)
+        student_out = M.forward(
+            state.student, batch.student_inputs, self.config.task, batch.student_words,
+            self.config.pooling, state.need_hidden_states, state.need_attentions,
+        )
+        terms = host.merged("loss_terms", batch=batch, student_out=student_out, teacher_out=teacher_out, state=state)
+        if not terms:
+            raise PluginError("no plugin returned a loss term: enable 'kd' (the standard terms) or another loss plugin")
+        regs = host.merged("regularize", taken=terms, student=state.unwrapped_student(), state=state)
+        loss = sum(terms.values()) + sum(regs.values())
+        if not torch.isfinite(loss):
+            raise PluginError(f"loss is {loss.item()} at step {state.step}: terms {{{', '.join(f'{k}: {v.item():.4g}' for k, v in {**terms, **regs}.items())}}}")
+        acc.backward(loss)
+        if acc.sync_gradients:
+            if acc.num_processes > 1:  # plugin modules are not inside DDP's forward
+                for p in self.plugin_modules.parameters():
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, reduction="mean")
+            if self.config.training.max_grad_norm:
+                params = [p for g in state.optimizer.param_groups for p in g["params"]]
+                acc.clip_grad_norm_(params, self.config.training.max_grad_norm)
+        state.optimizer.step()
+        if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+            state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        logs = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
+        logs.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
+        logs["loss"] = float(loss.detach())
+        return logs
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Train to the end (or until interrupted, after a checkpoint); returns final metrics."""
+        state, acc, tc = self.state, self.accelerator, self.config.training
+        if resume is not None:
+            self.resume(resume)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.dump_json(self.output_dir / "config.json", self.config.to_dict())
+        if self.config.trackers:
+            acc.init_trackers(self.config.project_name, config=_flat(self.config.to_dict()))
+        stop = _StopFlag()
+        window: dict[str, list[float]] = {}
+        metrics: dict[str, Any] = {}
+        epochs = tc.epochs if not tc.max_steps else sys.maxsize
+        bar = _progress(tc.progress and acc.is_local_main_process, state.total_steps, state.step)
+        start = time.perf_counter()
+        try:
+            with stop:
+                while state.step < state.total_steps and state.epoch < epochs:
+                    for batch in self.loader.iterate(state.epoch, skip=state.batch_in_epoch):
+                        batch = send_to_device(batch, state.device)
+                        with acc.accumulate(state.student):
+                            logs = self.step(batch)
+                        state.batch_in_epoch += 1
+                        for k, v in logs.items():
+                            window.setdefault(k, []).append(v)
+                        if not acc.sync_gradients:
+                            continue
+                        state.step += 1
+                        logs = {k: float(np.mean(v)) for k, v in window.items()}
+                        window.clear()
+                        logs["lr"] = state.scheduler.get_last_lr()[0]
+                        self.host.call("on_step_end", state=state, logs=logs)
+                        self._log(logs, bar, time.perf_counter() - start)
+                        if tc.eval_every and state.step % tc.eval_every == 0:
+                            metrics = self.evaluate()
+                        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                            self.save_checkpoint()
+                        if state.step >= state.total_steps or stop.requested:
+                            break
+                    else:
+                        state.epoch += 1
+                        state.batch_in_epoch = 0
+                        if not tc.eval_every:
+                            metrics = self.evaluate()
+                        if not tc.checkpoint_every:
+                            self.save_checkpoint()
+                        continue
+                    if stop.requested:
+                        self.save_checkpoint()
+                        raise KeyboardInterrupt
+                    break
+        finally:
+            bar.close()
+        if not metrics or (tc.eval_every and state.step % tc.eval_every):
+            metrics = self.evaluate()
+        self.host.call("on_train_end", state=state, metrics=metrics)
+        if self.config.trackers:
+            acc.end_training()
+        return metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluate the student on data.eval; the result is logged and handed to plugins."""
+        state = self.state
+        if self.eval_data is None:
+            return {}
+        dc = self.config.data
+        metrics = evaluate_model(
+            state.unwrapped_student(), state.student_tokenizer, self.eval_data, self.config.task, state.labels,
+            dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, self.config.pooling, state.device,
+        )
+        extra = self.host.merged("on_evaluate", state=state, metrics=metrics)
+        if extra:
+            metrics["plugins"] = extra
+        flat = {f"eval/{k}": v for k, v in metrics["average"].items()}
+        flat.update({f"eval/{lang}/{k}": v for lang, m in metrics["per_language"].items() for k, v in m.items()})
+        flat.update({f"eval/plugins/{k}": v for k, v in extra.items()})
+        self._record({"step": state.step, "epoch": state.epoch, **flat})
+        avg = ", ".join(f"{k} {v:.4f}" for k, v in metrics["average"].items())
+        self.accelerator.print(f"eval step {state.step}: {avg}")
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        state = self.state
+        extra = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "scheduler": state.scheduler.state_dict(),
+            "plugins": self.host.per_plugin("state_dict", state=state),
+            "history": state.history,
+        }
+        return ckpt.save(self.accelerator, self.output_dir / "checkpoints", state.step, extra, self.config.training.keep_checkpoints)
+
+    def resume(self, path: str | Path) -> None:
+        """Restore models, optimizer, scheduler, RNG, progress and plugin states."""
+        found = ckpt.find(Path(path))
+        if found is None:
+            raise ConfigError(f"--resume: no checkpoint found in {path} (looked for checkpoints/latest)")
+        state = self.state
+        self.accelerator.load_state(str(found))
+        extra = ckpt.load_extra(found)
+        state.step, state.epoch, state.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
+        state.scheduler.load_state_dict(extra["scheduler"])
+        state.history = list(extra.get("history", []))
+        self.host.load_states(state, extra.get("plugins", {}))
+        self.accelerator.print(f"resumed from {found} at step {state.step}")
+
+    def _log(self, logs: dict[str, float], bar: Any, elapsed: float) -> None:
+        state, tc = self.state, self.config.training
+        bar.update(1)
+        if state.step % tc.log_every == 0 or state.step == state.total_steps:
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k != "lr"}, refresh=False)
+            self._record({"step": state.step, "epoch": state.epoch, "elapsed_s": round(elapsed, 3), **logs})
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.state.history.append(row)
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.config.trackers:
+            acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+class _StopFlag:
+    """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __enter__(self) -> _StopFlag:
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                break
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *a: Any, **k: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(enabled: bool, total: int, initial: int) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,175 @@
+"""Loading teachers and students, building a student from a teacher, and forward passes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polydistill.batch import ModelOutputs
+from polydistill.errors import ConfigError
+
+_AUTO = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "embedding": "AutoModel",
+}
+
+
+def _auto(task: str) -> Any:
+    import transformers
+
+    return getattr(transformers, _AUTO[task])
+
+
+def _label_kwargs(task: str, labels: list[str] | None) -> dict[str, Any]:
+    if task == "embedding" or not labels:
+        return {}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+def load_model(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None, role: str = "model") -> nn.Module:
+    """Load a model for ``task`` from a hub id or local directory with transformers' Auto classes."""
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", **_label_kwargs(task, labels)}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        model = _auto(task).from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "" if Path(name_or_path).exists() else " (not a local directory; as a hub id it needs network access or the local HF cache)"
+        raise ConfigError(f"{role}: cannot load '{name_or_path}'{hint}: {exc}") from None
+    return model
+
+
+def load_tokenizer(name_or_path: str, role: str = "tokenizer") -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{role}: cannot load tokenizer '{name_or_path}': {exc}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"{role}: '{name_or_path}' has no fast tokenizer; polydistill needs one for word alignment")
+    return tok
+
+
+def model_labels(model: nn.Module) -> list[str] | None:
+    id2label = getattr(model.config, "id2label", None) or {}
+    if not id2label:
+        return None
+    return [id2label[i] for i in sorted(id2label)]
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    """The encoder's list of transformer blocks (the ModuleList as long as num_hidden_layers)."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"cannot find the {n} transformer layers of {type(model).__name__} to copy from")
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int], task: str, labels: list[str] | None) -> nn.Module:
+    """A student with the teacher's architecture keeping only ``layers`` (DistilBERT-style init).
+
+    Embeddings, pooler and head are copied; block ``i`` of the student is
+    teacher block ``layers[i]``.
+    """
+    n = teacher.config.num_hidden_layers
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise ConfigError(f"student.from_teacher.layers: {bad} out of range, the teacher has {n} layers (0..{n - 1})")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    if task != "embedding" and labels:
+        for key, value in _label_kwargs(task, labels).items():
+            setattr(config, key, value)
+    student = _auto(task).from_config(config, attn_implementation="eager")
+    source = teacher.state_dict()
+    target = student.state_dict()
+    teacher_blocks = _layer_list(teacher)
+    student_blocks = _layer_list(student)
+    skip = {id(p) for p in teacher_blocks.parameters()} | {id(b) for b in teacher_blocks.buffers()}
+    skip_names = {k for k, v in teacher.state_dict(keep_vars=True).items() if id(v) in skip}
+    shared = {k: v for k, v in source.items() if k not in skip_names and k in target and target[k].shape == v.shape}
+    target.update(shared)
+    student.load_state_dict(target)
+    for i, j in enumerate(layers):
+        student_blocks[i].load_state_dict(teacher_blocks[j].state_dict())
+    return student
+
+
+def student_from_config(base: str, overrides: dict[str, Any], task: str, labels: list[str] | None) -> nn.Module:
+    """A randomly initialised model: ``base``'s config with ``overrides``."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"student.config.base: cannot load config '{base}': {exc}") from None
+    for key, value in {**overrides, **_label_kwargs(task, labels)}.items():
+        if not hasattr(config, key) and key not in ("num_labels", "id2label", "label2id"):
+            raise ConfigError(f"student.config.{key}: not a field of {type(config).__name__}")
+        setattr(config, key, value)
+    return _auto(task).from_config(config, attn_implementation="eager")
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def gather_words(values: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each word's first sub-word: ``(B, T, C)`` and ``(B, W)`` positions -> ``(B, W, C)``, mask."""
+    mask = words >= 0
+    index = words.clamp(min=0).unsqueeze(-1).expand(-1, -1, values.size(-1))
+    return values.gather(1, index), mask
+
+
+def forward(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    task: str,
+    words: torch.Tensor | None = None,
+    pooling: str = "mean",
+    hidden_states: bool = False,
+    attentions: bool = False,
+) -> ModelOutputs:
+    """Run ``model`` and return :class:`ModelOutputs` for ``task``."""
+    out = model(
+        **inputs,
+        output_hidden_states=hidden_states or task == "embedding",
+        output_attentions=attentions,
+        return_dict=True,
+    )
+    mask = inputs.get("attention_mask")
+    result = ModelOutputs(
+        hidden_states=tuple(out.hidden_states) if hidden_states and out.hidden_states is not None else None,
+        attentions=tuple(out.attentions) if attentions and out.attentions is not None else None,
+        mask=mask,
+    )
+    if task == "embedding":
+        last = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+        if mask is None:
+            mask = torch.ones(last.shape[:2], device=last.device, dtype=torch.long)
+        result.embeddings = pool(last, mask, pooling)
+    elif task == "token_classification":
+        if words is None:
+            raise ValueError("token classification needs word positions")
+        result.logits, result.word_mask = gather_words(out.logits, words)
+    else:
+        result.logits = out.logits
+    return result

@@ -1,0 +1,198 @@
+"""The standard knowledge-distillation loss terms (plugin ``kd``, enabled by default).
+
+Terms, each with its own weight (0 switches a term off):
+
+- ``kl``: KL(teacher || student) on logits softened by a temperature, times T²
+  (Hinton et al. 2015). ``batch.meta["temperature"]`` (a number or a ``(B,)``
+  tensor), when another plugin sets it, replaces the configured temperature
+  for that step; ``batch.meta["sample_weights"]`` (``(B,)``) weights samples.
+- ``ce``: cross-entropy with the gold labels.
+- ``mse`` / ``cosine``: pooled embedding matching (Reimers & Gurevych 2020);
+  a learned linear projection maps the student's width to the teacher's when
+  they differ.
+- ``hidden``: MSE between hidden states of mapped layers (TinyBERT/DistilBERT
+  style), with learned projections when widths differ.
+- ``attention``: MSE between attention maps of mapped layers (heads averaged
+  when their counts differ).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+import polydistill
+from polydistill import ConfigError, PluginSettings, hookimpl
+
+
+class Settings(PluginSettings):
+    kl: float | None = Field(None, ge=0, description="Weight of the KL term; default 1 for classification tasks with a teacher, else 0.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL term.")
+    ce: float | None = Field(None, ge=0, description="Weight of hard-label cross-entropy; default 1 without a teacher, else 0.")
+    mse: float | None = Field(None, ge=0, description="Weight of embedding MSE; default 1 for the embedding task, else 0.")
+    cosine: float = Field(0.0, ge=0, description="Weight of embedding cosine loss (1 - cos).")
+    hidden: float = Field(0.0, ge=0, description="Weight of hidden-state MSE over mapped layers.")
+    attention: float = Field(0.0, ge=0, description="Weight of attention-map MSE over mapped layers.")
+    layer_map: dict[int, int] | None = Field(
+        None,
+        description="Student layer -> teacher layer for hidden/attention matching (1-based blocks; 0 is the "
+        "embedding output for hidden states). Default: each student block i to teacher block round(i*T/S).",
+    )
+
+    @model_validator(mode="after")
+    def _non_negative_map(self) -> Settings:
+        if self.layer_map and any(k < 0 or v < 0 for k, v in self.layer_map.items()):
+            raise ValueError("layer_map indices must be >= 0")
+        return self
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: Any, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples (and valid words) of T² · KL(softmax(t/T) || softmax(s/T))."""
+    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+    shape = [-1] + [1] * (student_logits.dim() - 1) if t.dim() else []
+    t = t.view(shape) if shape else t
+    s_log = F.log_softmax(student_logits / t, dim=-1)
+    t_log = F.log_softmax(teacher_logits.to(student_logits.dtype) / t, dim=-1)
+    per = F.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1) * (t.squeeze(-1) ** 2 if t.dim() else t**2)
+    return _reduce(per, mask, weights)
+
+
+def _reduce(per: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor:
+    """Average per-sample (B,) or per-word (B, W) values, honouring a word mask and sample weights."""
+    w = torch.ones_like(per)
+    if mask is not None:
+        w = w * mask.to(per.dtype)
+    if weights is not None:
+        w = w * weights.to(per.dtype).view(-1, *[1] * (per.dim() - 1))
+    return (per * w).sum() / w.sum().clamp(min=1e-9)
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    return {i: round(i * teacher_layers / student_layers) for i in range(1, student_layers + 1)}
+
+
+class StandardKD:
+    """KL, CE, embedding MSE/cosine, hidden-state and attention matching."""
+
+    polydistill_api = polydistill.API_VERSION
+    Settings = Settings
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.weights: dict[str, float] = {}
+        self.layer_map: dict[int, int] = {}
+        self.projections = nn.ModuleDict()
+        self.used_temperature = settings.temperature
+
+    def _resolve(self, state: Any) -> None:
+        s, task, has_teacher = self.settings, state.task, bool(state.teachers)
+        classify = task != "embedding"
+        self.weights = {
+            "kl": s.kl if s.kl is not None else float(classify and has_teacher),
+            "ce": s.ce if s.ce is not None else float(not has_teacher),
+            "mse": s.mse if s.mse is not None else float(task == "embedding" and has_teacher),
+            "cosine": s.cosine,
+            "hidden": s.hidden,
+            "attention": s.attention,
+        }
+        teacher_terms = ("kl", "mse", "cosine", "hidden", "attention")
+        if not has_teacher:
+            bad = [k for k in teacher_terms if self.weights[k]]
+            if bad:
+                raise ConfigError(f"plugins.kd.{bad[0]}: this term needs a teacher, and the run has none")
+        if not classify and (self.weights["kl"] or self.weights["ce"]):
+            raise ConfigError(f"plugins.kd.{'kl' if self.weights['kl'] else 'ce'}: the embedding task has no logits; use mse or cosine")
+        if classify and (self.weights["mse"] or self.weights["cosine"]):
+            raise ConfigError(f"plugins.kd.{'mse' if self.weights['mse'] else 'cosine'}: embedding terms need task: embedding")
+        for k in ("hidden", "attention"):
+            if self.weights[k] and not all(state.same_tokens[:1]):
+                raise ConfigError(
+                    f"plugins.kd.{k}: matching per-token states needs the first teacher to read the student's exact tokens "
+                    "(mode 'same' and the same tokenizer)"
+                )
+
+    @hookimpl
+    def trainable_modules(self, state: Any) -> dict[str, nn.Module] | None:
+        self._resolve(state)
+        w = self.weights
+        state.need_hidden_states = state.need_hidden_states or bool(w["hidden"])
+        state.need_attentions = state.need_attentions or bool(w["attention"])
+        if not state.teachers:
+            return None
+        teacher, student = state.teachers[0], state.student
+        t_width, s_width = teacher.config.hidden_size, student.config.hidden_size
+        if w["hidden"] or w["attention"]:
+            n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+            self.layer_map = dict(self.settings.layer_map or default_layer_map(n_s, n_t))
+            bad = {k: v for k, v in self.layer_map.items() if k > n_s or v > n_t}
+            if bad:
+                raise ConfigError(f"plugins.kd.layer_map: {bad} out of range (student has {n_s} layers, teacher {n_t})")
+        if s_width != t_width:
+            if w["mse"] or w["cosine"]:
+                self.projections["embedding"] = nn.Linear(s_width, t_width)
+            if w["hidden"]:
+                for k in self.layer_map:
+                    self.projections[f"hidden_{k}"] = nn.Linear(s_width, t_width)
+        return {"projections": self.projections} if len(self.projections) else None
+
+    @hookimpl
+    def loss_terms(self, batch: Any, student_out: Any, teacher_out: Any, state: Any) -> dict[str, torch.Tensor]:
+        w, terms = self.weights, {}
+        weights = batch.meta.get("sample_weights")
+        if w["ce"]:
+            if batch.labels is None:
+                raise ConfigError("plugins.kd.ce: the training data has no labels (columns.label)")
+            logits = student_out.logits
+            terms["ce"] = w["ce"] * F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.labels.reshape(-1), ignore_index=-100)
+        if teacher_out is None:
+            return terms
+        if w["kl"]:
+            mask = student_out.word_mask
+            if mask is not None and teacher_out.word_mask is not None:
+                mask = mask & teacher_out.word_mask
+            temperature = batch.meta.get("temperature", self.settings.temperature)
+            self.used_temperature = float(torch.as_tensor(temperature, dtype=torch.float32).mean())
+            terms["kl"] = w["kl"] * kl_divergence(student_out.logits, teacher_out.logits, temperature, mask, weights)
+        if w["mse"] or w["cosine"]:
+            s_emb = student_out.embeddings
+            if "embedding" in self.projections:
+                s_emb = self.projections["embedding"](s_emb)
+            t_emb = teacher_out.embeddings.to(s_emb.dtype)
+            if w["mse"]:
+                terms["mse"] = w["mse"] * _reduce(((s_emb - t_emb) ** 2).mean(-1), None, weights)
+            if w["cosine"]:
+                terms["cosine"] = w["cosine"] * _reduce(1 - F.cosine_similarity(s_emb, t_emb, dim=-1), None, weights)
+        if w["hidden"]:
+            mask = student_out.mask.unsqueeze(-1).to(student_out.hidden_states[0].dtype)
+            total = 0.0
+            for s_layer, t_layer in self.layer_map.items():
+                h = student_out.hidden_states[s_layer]
+                if f"hidden_{s_layer}" in self.projections:
+                    h = self.projections[f"hidden_{s_layer}"](h)
+                diff = (h - teacher_out.hidden_states[t_layer].to(h.dtype)) ** 2 * mask
+                total = total + diff.sum() / (mask.sum() * h.size(-1)).clamp(min=1)
+            terms["hidden"] = w["hidden"] * total / len(self.layer_map)
+        if w["attention"]:
+            mask = student_out.mask.to(student_out.attentions[0].dtype)
+            rows = mask[:, None, :, None] * mask[:, None, None, :]
+            total = 0.0
+            for s_layer, t_layer in self.layer_map.items():
+                if s_layer == 0 or t_layer == 0:
+                    continue
+                a_s = student_out.attentions[s_layer - 1]
+                a_t = teacher_out.attentions[t_layer - 1].to(a_s.dtype)
+                if a_s.size(1) != a_t.size(1):
+                    a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+                diff = ((a_s - a_t) ** 2) * rows
+                total = total + diff.sum() / (rows.sum() * a_s.size(1)).clamp(min=1)
+            terms["attention"] = w["attention"] * total / max(1, sum(1 for k, v in self.layer_map.items() if k and v))
+        return terms
+
+    @hookimpl
+    def on_step_end(self, state: Any, logs: dict[str, float]) -> None:
+        if self.weights.get("kl"):
+            logs["kd/temperature"] = self.used_temperature

@@ -147,6 +147,7 @@ class Trainer:
         state.teachers = [acc.prepare_model(t, evaluation_mode=True) for t in teachers]
         state.scheduler = self._scheduler(state.optimizer)
         self.caches = self._caches()
+        self._evaluated_at = self._checkpointed_at = -1
         self.host.call("setup", state=state)
 
     # ------------------------------------------------------------------ building
@@ -364,8 +365,10 @@ class Trainer:
                     break
         finally:
             bar.close()
-        if not metrics or (tc.eval_every and state.step % tc.eval_every):
+        if self._evaluated_at != state.step:
             metrics = self.evaluate()
+        if self._checkpointed_at != state.step:
+            self.save_checkpoint()
         self.host.call("on_train_end", state=state, metrics=metrics)
         if self.config.trackers:
             acc.end_training()
@@ -374,6 +377,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the student on data.eval; the result is logged and handed to plugins."""
         state = self.state
+        self._evaluated_at = state.step
         if self.eval_data is None:
             return {}
         dc = self.config.data
@@ -394,6 +398,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = self.state
+        self._checkpointed_at = state.step
         extra = {
             "step": state.step,
             "epoch": state.epoch,
@@ -415,6 +420,7 @@ class Trainer:
         state.step, state.epoch, state.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
         state.scheduler.load_state_dict(extra["scheduler"])
         state.history = list(extra.get("history", []))
+        self._checkpointed_at = state.step
         self.host.load_states(state, extra.get("plugins", {}))
         self.accelerator.print(f"resumed from {found} at step {state.step}")
 

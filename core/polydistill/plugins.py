@@ -108,10 +108,10 @@ def validate_settings(name: str, obj: Any, options: Any) -> BaseModel | None:
         raise ConfigError(format_validation_error(exc, model, f"plugin '{name}'", prefix=("plugins", name))) from None
 
 
-def enabled_plugins(plugins_section: dict[str, Any], installed: dict[str, InstalledPlugin] | None = None) -> list[tuple[str, Any]]:
+def enabled_plugins(plugins_section: dict[str, Any], installed: dict[str, InstalledPlugin | None] | None = None) -> list[tuple[str, Any]]:
     """(name, options) of every enabled plugin: defaults first, then the config's order."""
     installed = installed if installed is not None else installed_plugins()
-    out = [(n, None) for n in sorted(installed) if installed[n].default and n not in plugins_section]
+    out = [(n, None) for n in sorted(installed) if installed[n] is not None and installed[n].default and n not in plugins_section]
     out += [(n, opts) for n, opts in plugins_section.items() if opts is not False]
     return out
 
@@ -165,18 +165,14 @@ class PluginHost:
     def from_config(cls, plugins_section: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> PluginHost:
         """Load, validate and instantiate the enabled plugins, plus objects given directly."""
         installed = installed_plugins()
+        given = dict(extra)
+        wanted = enabled_plugins(plugins_section, {**installed, **{n: None for n in given}} if given else installed)
+        wanted += [(n, None) for n in given if n not in dict(wanted) and plugins_section.get(n) is not False]
         loaded: list[tuple[str, Any]] = []
         settings: dict[str, BaseModel | None] = {}
-        extra = list(extra)
-        extra_names = {n for n, _ in extra}
-        for name, options in enabled_plugins(plugins_section, installed):
-            if name in extra_names:
-                continue
-            obj = load_plugin_object(name, installed)
+        for name, options in wanted:
+            obj = given[name] if name in given else load_plugin_object(name, installed)
             settings[name] = validate_settings(name, obj, options)
-            loaded.append((name, instantiate(name, obj, settings[name])))
-        for name, obj in extra:
-            settings[name] = validate_settings(name, obj, plugins_section.get(name))
             loaded.append((name, instantiate(name, obj, settings[name])))
         return cls(loaded, settings)
 

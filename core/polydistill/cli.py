@@ -1,0 +1,167 @@
+"""The ``polydistill`` command line: train, eval, plugins, config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from polydistill import __version__
+from polydistill.errors import PolydistillError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set training.learning_rate=3e-5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polydistill", description="Knowledge distillation for cross-lingual transfer.")
+    parser.add_argument("--version", action="version", version=f"polydistill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="distil (or fine-tune) a student as a config file says")
+    p.add_argument("config", help="YAML or JSON config file")
+    _add_set(p)
+    p.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="PATH",
+                   help="continue from the latest checkpoint of the run directory (or of PATH)")
+
+    p = sub.add_parser("eval", help="evaluate a run's student, or a config's models, per language")
+    p.add_argument("target", help="run directory or config file")
+    _add_set(p)
+    p.add_argument("--which", choices=["student", "teachers", "all"], default="student")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("plugins", help="list installed plugins, their versions and hooks")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("config", help="print the config schema or validate a config")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    csub.add_parser("schema", help="JSON schema of the config")
+    v = csub.add_parser("validate", help="validate a config, including each enabled plugin's options")
+    v.add_argument("config")
+    _add_set(v)
+
+    p = sub.add_parser("demo", help="offline cross-lingual distillation demo (tiny models, under 5 minutes on CPU)")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run, weaker numbers)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from polydistill.api import train
+    from polydistill.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.output_dir or cfg.output_dir)
+    resume = None
+    if args.resume is not None:
+        resume = out if args.resume is True else Path(args.resume)
+    result = train(cfg, resume=resume, output_dir=out)
+    print(f"student saved to {result.student_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from polydistill.api import evaluate, format_table
+    from polydistill.config import load_config
+    from polydistill.evaluation import primary_metric
+
+    results = evaluate(args.target, args.overrides, which=args.which)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    target = Path(args.target)
+    cfg_src: Any = json.loads((target / "config.json").read_text()) if target.is_dir() else target
+    task = load_config(cfg_src, args.overrides).task
+    metrics = sorted({k for r in results.values() for k in r["average"]})
+    first = primary_metric(task)
+    for metric in [first] + [m for m in metrics if m != first]:
+        print(f"\n{metric}\n" + format_table(results, metric))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from polydistill.plugins import installed_plugins, load_plugin_object
+
+    rows = []
+    for name, info in sorted(installed_plugins().items()):
+        row: dict[str, Any] = {"name": name, "version": info.version, "distribution": info.distribution,
+                               "default": info.default, "object": info.value}
+        try:
+            obj = load_plugin_object(name)
+            row["hooks"] = sorted(h for h in _hooks_of(obj))
+            row["doc"] = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+        except PolydistillError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no plugins installed")
+    for r in rows:
+        flag = " (enabled by default)" if r["default"] else ""
+        print(f"{r['name']} {r['version'] or ''}{flag}  [{r['distribution'] or '?'}]")
+        if "error" in r:
+            print(f"  BROKEN: {r['error']}")
+        else:
+            if r["doc"]:
+                print(f"  {r['doc']}")
+            print(f"  hooks: {', '.join(r['hooks']) or 'none'}")
+    return 0
+
+
+def _hooks_of(obj: Any) -> list[str]:
+    from polydistill import hookspecs
+
+    names = hookspecs.STEP_HOOKS + hookspecs.LIFECYCLE_HOOKS
+    return [n for n in names if callable(getattr(obj, n, None)) and hasattr(getattr(obj, n), "polydistill_impl")]
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from polydistill.config import load_config, schema
+    from polydistill.plugins import enabled_plugins, load_plugin_object, validate_settings
+
+    if args.action == "schema":
+        print(json.dumps(schema(), indent=2))
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    names = []
+    for name, options in enabled_plugins(cfg.plugins):
+        validate_settings(name, load_plugin_object(name), options)
+        names.append(name)
+    print(f"{args.config}: valid ({cfg.task}, mode {cfg.mode}; plugins: {', '.join(names) or 'none'})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from polydistill.demo import run_demo
+
+    run_demo(Path(args.output_dir), quick=args.quick)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "config": cmd_config, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PolydistillError as exc:
+        print(f"polydistill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train":
+            hint = " (a checkpoint was written; continue with the same command plus --resume)"
+        print(f"polydistill: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

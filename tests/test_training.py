@@ -1,0 +1,216 @@
+"""End-to-end behaviour of the loop: learning, parallel mode, resume, hook order."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import polydistill
+from polydistill import hookimpl, models as M
+from polydistill.config import load_config
+from polydistill.data import load_sources
+from polydistill.hookspecs import LIFECYCLE_HOOKS, STEP_HOOKS
+
+from conftest import LABELS, PAIRS, parallel_config
+
+
+def _agreement(student, teacher, student_tok, teacher_tok) -> float:
+    """Fraction of pairs where the student's class on German equals the teacher's on English."""
+    with torch.no_grad():
+        s = student(**student_tok([de for _, de, _ in PAIRS], return_tensors="pt", padding=True)).logits.argmax(-1)
+        t = teacher(**teacher_tok([en for en, _, _ in PAIRS], return_tensors="pt", padding=True)).logits.argmax(-1)
+    return float((s == t).float().mean())
+
+
+def test_distillation_raises_agreement_and_lowers_loss(models, data, trained_teacher, tmp_path):
+    teacher = M.load_model(str(trained_teacher), "sequence_classification").eval()
+    tok = M.load_tokenizer(str(trained_teacher))
+    assert len(set(teacher(**tok([en for en, _, _ in PAIRS], return_tensors="pt", padding=True)).logits.argmax(-1).tolist())) == 3
+    before = M.student_from_teacher(teacher, [0, 2], "sequence_classification", LABELS).eval()
+    cfg = parallel_config(models, data, tmp_path, training__epochs=25, training__learning_rate=3e-3,
+                          plugins={"kd": {"temperature": 1.0}}, teachers=[{"model": str(trained_teacher)}])
+    result = polydistill.train(cfg)
+    after = M.load_model(str(result.student_dir), "sequence_classification").eval()
+    kl = [row["loss/kl"] for row in result.history if "loss/kl" in row]
+    assert kl[-1] < 0.5 * kl[0]
+    assert _agreement(after, teacher, tok, tok) > _agreement(before, teacher, tok, tok)
+    assert _agreement(after, teacher, tok, tok) >= 0.9
+
+
+class Recorder:
+    """Records every hook call, in order, with what the hook saw."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.seen: list[tuple[list, list]] = []
+
+    @hookimpl
+    def trainable_modules(self, state):
+        self.calls.append("trainable_modules")
+
+    @hookimpl
+    def setup(self, state):
+        self.calls.append("setup")
+
+    @hookimpl
+    def augment_batch(self, batch, state):
+        self.calls.append("augment_batch")
+        self.seen.append((list(batch.texts), list(batch.teacher_texts)))
+
+    @hookimpl
+    def select_teachers(self, batch, teachers, state):
+        self.calls.append("select_teachers")
+
+    @hookimpl
+    def teacher_outputs(self, batch, teachers, weights, state):
+        self.calls.append("teacher_outputs")
+
+    @hookimpl
+    def loss_terms(self, batch, student_out, teacher_out, state):
+        self.calls.append("loss_terms")
+
+    @hookimpl
+    def regularize(self, student, state):
+        self.calls.append("regularize")
+
+    @hookimpl
+    def on_step_end(self, state, logs):
+        self.calls.append("on_step_end")
+
+    @hookimpl
+    def on_evaluate(self, state, metrics):
+        self.calls.append("on_evaluate")
+
+    @hookimpl
+    def state_dict(self, state):
+        self.calls.append("state_dict")
+        return {"calls": len(self.calls)}
+
+    @hookimpl
+    def load_state_dict(self, state, plugin_state):
+        self.calls.append("load_state_dict")
+        self.restored = plugin_state
+
+    @hookimpl
+    def on_train_end(self, state, metrics):
+        self.calls.append("on_train_end")
+
+
+def test_hook_order_of_one_step_is_as_documented(models, data, tmp_path):
+    rec = Recorder()
+    polydistill.train(parallel_config(models, data, tmp_path, training__max_steps=1), plugins=[("recorder", rec)])
+    assert rec.calls == [
+        "trainable_modules", "setup",
+        *STEP_HOOKS,
+        "on_evaluate", "state_dict", "on_train_end",
+    ]
+
+
+def test_parallel_mode_trains_student_on_target_column(models, data, tmp_path):
+    rec = Recorder()
+    polydistill.train(parallel_config(models, data, tmp_path), plugins=[("recorder", rec)])
+    german = {de for _, de, _ in PAIRS}
+    english = {en for en, _, _ in PAIRS}
+    student_texts = {t for texts, _ in rec.seen for t in texts}
+    teacher_texts = {t for _, texts in rec.seen for t in texts}
+    assert student_texts == german
+    assert teacher_texts == english
+    # and the rows stay aligned: each teacher text is the translation of the student text beside it
+    pairs = {de: en for en, de, _ in PAIRS}
+    assert all(pairs[s] == t for texts, teacher in rec.seen for s, t in zip(texts, teacher))
+
+
+class StopAt:
+    """Sends this process SIGINT after a given step, like a user pressing Ctrl-C."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_step_end(self, state, logs):
+        if state.step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def test_resume_after_interrupt_gives_the_same_weights(models, data, tmp_path):
+    # dropout is on (BERT's default 0.1) so the RNG state must be restored too
+    overrides = dict(training__epochs=3, data__batch_size=3)
+    straight = polydistill.train(parallel_config(models, data, tmp_path / "a", **overrides))
+
+    cfg = parallel_config(models, data, tmp_path / "b", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        polydistill.train(cfg, plugins=[("stop", StopAt(5))])
+    run_dir = tmp_path / "b" / "run"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "checkpoint-5"
+    resumed = polydistill.train(cfg, resume=run_dir)
+
+    a, b = _weights(straight.output_dir), _weights(resumed.output_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert [r["loss"] for r in straight.history if "loss" in r][-3:] == [r["loss"] for r in resumed.history if "loss" in r][-3:]
+
+
+def test_resume_restores_plugin_state(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, training__epochs=1)
+    polydistill.train(cfg, plugins=[("recorder", Recorder())])
+    rec = Recorder()
+    polydistill.train(cfg, resume=tmp_path / "run", plugins=[("recorder", rec)])
+    assert "load_state_dict" in rec.calls
+    assert rec.calls.index("load_state_dict") > rec.calls.index("setup")
+    assert rec.restored["calls"] > 0
+
+
+def test_every_hook_is_called_in_a_run_with_resume(models, data, tmp_path):
+    """Together with the recorded order above, each hook has a test that calls it."""
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=2)
+    polydistill.train(cfg, plugins=[("recorder", Recorder())])
+    rec = Recorder()
+    polydistill.train(cfg, overrides=["training.max_steps=3"], resume=tmp_path / "run", plugins=[("recorder", rec)])
+    assert set(rec.calls) == set(STEP_HOOKS) | set(LIFECYCLE_HOOKS)
+
+
+def test_run_directory_contents(models, data, tmp_path):
+    result = polydistill.train(parallel_config(models, data, tmp_path, training__max_steps=2))
+    out = result.output_dir
+    assert (out / "student" / "config.json").is_file()
+    assert (out / "student" / "tokenizer_config.json").is_file()
+    card = (out / "student" / "README.md").read_text()
+    assert "| de |" in card and "| en |" in card
+    assert json.loads((out / "plugins.json").read_text()) == {"kd": polydistill.__version__}
+    assert json.loads((out / "config.json").read_text())["mode"] == "parallel"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_language"]) == {"de", "en"}
+    # the saved student evaluates the same through the public API
+    again = polydistill.evaluate(out)["student"]
+    assert again["average"]["accuracy"] == pytest.approx(metrics["average"]["accuracy"])
+
+
+def test_no_teacher_means_fine_tuning_with_cross_entropy(models, data, tmp_path):
+    cfg = {
+        "task": "sequence_classification",
+        "labels": LABELS,
+        "student": {"model": str(models["teacher2"])},
+        "data": {"train": {"path": str(data["eval"]), "columns": {"label": "label", "lang": "lang"}}, "batch_size": 8},
+        "training": {"epochs": 30, "learning_rate": 3e-3, "progress": False, "log_every": 1},
+        "output_dir": str(tmp_path / "ft"),
+    }
+    result = polydistill.train(cfg)
+    ce = [r["loss/ce"] for r in result.history if "loss/ce" in r]
+    assert "loss/kl" not in result.history[0]
+    assert ce[-1] < 0.5 * ce[0]
+
+
+def test_eval_data_languages_are_reported_separately(models, data, tmp_path):
+    cfg = load_config(parallel_config(models, data, tmp_path))
+    ds = load_sources(cfg.data.eval, cfg)
+    assert sorted(set(ds["lang"])) == ["de", "en"]

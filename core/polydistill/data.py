@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -101,6 +102,20 @@ def normalise(ds: Any, source: DataSource, config: Config, where: str) -> Any:
     return ds
 
 
+def _plain_strings(ds: Any) -> Any:
+    """Cast ``large_string`` columns to ``string``: csv/tsv/parquet load text as the
+    former and json/aligned files as the latter, and the two cannot be concatenated."""
+    from datasets import Features, Value
+    from datasets.features.features import _visit
+
+    features = getattr(ds, "features", None)
+    if not features:
+        return ds
+    plain = Features({k: _visit(v, lambda f: Value("string") if isinstance(f, Value) and f.dtype == "large_string" else None)
+                      for k, v in features.items()})
+    return ds if plain == features else ds.cast(plain)
+
+
 def load_sources(sources: list[DataSource], config: Config) -> Any:
     """Load and concatenate sources (all streaming or none)."""
     import datasets
@@ -111,7 +126,7 @@ def load_sources(sources: list[DataSource], config: Config) -> Any:
     if len({s.streaming for s in sources}) > 1:
         raise DataError("data: mix of streaming and non-streaming sources; set `streaming` the same on all")
     try:
-        return datasets.concatenate_datasets(loaded)
+        return datasets.concatenate_datasets([_plain_strings(ds) for ds in loaded])
     except Exception as exc:
         raise DataError(f"data: sources cannot be combined (columns or types differ): {exc}") from None
 
@@ -119,8 +134,16 @@ def load_sources(sources: list[DataSource], config: Config) -> Any:
 # --------------------------------------------------------------------------- encoding
 
 
+def _tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
+    # The backend keeps the truncation/padding of the last call; they are not part of the tokenizer.
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return spec
+
+
 def same_tokenizer(a: Any, b: Any) -> bool:
-    return a is b or a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    return a is b or _tokenizer_spec(a) == _tokenizer_spec(b)
 
 
 class Collator:

@@ -99,6 +99,7 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         self.host = PluginHost.from_config(config.plugins, plugins)
+        _quiet_transformers()
 
         # Models: teachers first (a student may be cut from one), labels, then the student.
         teachers, teacher_toks = [], []
@@ -440,6 +441,13 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         if self.config.trackers:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+
+def _quiet_transformers() -> None:
+    """Per-file weight-loading bars would drown the run's own progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

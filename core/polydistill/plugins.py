@@ -16,7 +16,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from polydistill import API_VERSION, hookspecs
-from polydistill.errors import ConfigError, PluginError
+from polydistill.errors import ConfigError, PluginError, PolydistillError
 
 ENTRY_POINT_GROUP = "polydistill.plugins"
 #: Names listed in this group are enabled unless the config says ``name: false``.
@@ -128,6 +128,13 @@ def instantiate(name: str, obj: Any, settings: BaseModel | None) -> Any:
     return obj
 
 
+def _trace_writer(text: str) -> None:
+    """Print the first line of each pluggy trace message; its argument dumps (whole models) would bury it."""
+    line = text.split("\n", 1)[0].strip()
+    if line:
+        sys.stderr.write(f"[polydistill trace] {line}\n")
+
+
 class PluginHost:
     """A fresh pluggy manager for one run, with the hook-combining rules of hookspecs.py."""
 
@@ -153,12 +160,12 @@ class PluginHost:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 impl.function = self._guard(impl.plugin_name, hook_name, impl.function)
         self._augmenters = [
-            self.pm.subset_hook_caller("augment_batch", [p for n, p in self.pm.list_name_plugin() if n != name])
+            self._only(name, "augment_batch")
             for name in self.order
             if any(i.plugin_name == name for i in self.pm.hook.augment_batch.get_hookimpls())
         ]
         if os.environ.get(TRACE_ENV, "").strip() not in ("", "0", "false", "no"):
-            self.pm.trace.root.setwriter(lambda line: sys.stderr.write(line))
+            self.pm.trace.root.setwriter(_trace_writer)
             self.pm.enable_tracing()
 
     @classmethod
@@ -183,7 +190,7 @@ class PluginHost:
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 result = func(*args, **kwargs)
-            except PluginError:
+            except PolydistillError:  # already a message for the user
                 raise
             except Exception as exc:
                 raise PluginError(f"plugin '{plugin}' failed in hook '{hook}': {type(exc).__name__}: {exc}", plugin=plugin, hook=hook) from exc
@@ -232,16 +239,18 @@ class PluginHost:
         """Call each implementation separately, keyed by plugin name (state_dict)."""
         out = {}
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
-            value = impl.function(*[kwargs[a] for a in impl.argnames])
+            (value,) = self._only(impl.plugin_name, hook)(**kwargs) or [None]
             if value is not None:
                 out[impl.plugin_name] = value
         return out
 
+    def _only(self, name: str, hook: str) -> Any:
+        return self.pm.subset_hook_caller(hook, [p for n, p in self.pm.list_name_plugin() if n != name])
+
     def load_states(self, state: Any, saved: dict[str, Any]) -> None:
         for impl in self.pm.hook.load_state_dict.get_hookimpls():
             if impl.plugin_name in saved:
-                args = {"state": state, "plugin_state": saved[impl.plugin_name]}
-                impl.function(*[args[a] for a in impl.argnames])
+                self._only(impl.plugin_name, "load_state_dict")(state=state, plugin_state=saved[impl.plugin_name])
 
     def versions(self) -> dict[str, str | None]:
         installed = installed_plugins()

@@ -151,11 +151,12 @@ def plot(results: dict[str, dict[str, Any]], metric: str, path: Path) -> None:
         xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(groups))]
         bars = ax.bar(xs, values, width, label=name)
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    ax.axhline(1 / 4, color="grey", linestyle=":", linewidth=1, label="chance (4 topics)")
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric)
     ax.set_title("Cross-lingual distillation: teacher trained on English only")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(results) + 1, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,0 +1,205 @@
+"""Teacher-output cache: the teacher runs once per text, results do not change, stale entries never hit."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import polydistill
+from polydistill import hookimpl, models as M
+from polydistill.cache import TeacherCache, fingerprint, stack_padded
+
+from conftest import PAIRS, parallel_config
+
+SETTINGS = {"task": "sequence_classification", "pooling": "mean", "max_length": 128}
+
+
+class TeacherCalls:
+    """Counts forward passes of the first teacher, per epoch, and what the teacher read."""
+
+    def __init__(self) -> None:
+        self.per_epoch: Counter[int] = Counter()
+        self.steps_per_epoch: Counter[int] = Counter()
+        self.read: list[list[int]] = []
+
+    @hookimpl
+    def setup(self, state):
+        self.state = state
+        self.tokenizer = state.teacher_tokenizers[0]
+        state.teachers[0].register_forward_hook(self._seen, with_kwargs=True)
+
+    def _seen(self, module, args, kwargs, output):
+        self.per_epoch[self.state.epoch] += 1
+        self.read.extend(kwargs["input_ids"].tolist())
+
+    @hookimpl
+    def on_step_end(self, state, logs):
+        self.steps_per_epoch[state.epoch] += 1
+
+    def texts_read(self) -> list[str]:
+        return self.tokenizer.batch_decode(self.read, skip_special_tokens=True)
+
+    def ids_read(self) -> list[list[int]]:
+        pad = self.tokenizer.pad_token_id
+        return [[i for i in ids if i != pad] for ids in self.read]
+
+
+class Exclaim:
+    """Changes what the teacher reads for one English sentence only."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.changed_steps: list[int] = []
+
+    @hookimpl
+    def augment_batch(self, batch, state):
+        if self.target not in batch.teacher_texts:
+            return None
+        self.changed_steps.append(state.step)
+        return batch.replace_texts(teacher_texts=[t + " !" if t == self.target else t for t in batch.teacher_texts])
+
+
+def _cfg(models, data, tmp_path, cache_dir, name="run", **extra):
+    cfg = parallel_config(models, data, tmp_path, **extra)
+    cfg["output_dir"] = str(tmp_path / name)
+    if cache_dir is not None:
+        cfg["cache"] = {"enabled": True, "dir": str(cache_dir)}
+    return cfg
+
+
+def _train(cfg, *plugins):
+    return polydistill.train(cfg, plugins=[(type(p).__name__.lower(), p) for p in plugins])
+
+
+def _weights(result):
+    return load_file(str(result.student_dir / "model.safetensors"))
+
+
+BATCHES = len(PAIRS) // 4  # parallel_config: 12 rows, batch_size 4
+
+
+def test_teacher_runs_in_the_first_epoch_only_and_not_again_in_a_second_run(models, data, tmp_path):
+    cache = tmp_path / "cache"
+    calls = TeacherCalls()
+    _train(_cfg(models, data, tmp_path, cache, training__epochs=3), calls)
+    assert calls.steps_per_epoch == {0: BATCHES, 1: BATCHES, 2: BATCHES}
+    assert calls.per_epoch == {0: BATCHES}
+    assert sorted(calls.texts_read()) == sorted(en for en, _, _ in PAIRS)
+
+    again = TeacherCalls()
+    _train(_cfg(models, data, tmp_path, cache, name="run2", training__epochs=2), again)
+    assert again.steps_per_epoch == {0: BATCHES, 1: BATCHES}
+    assert again.per_epoch == {}
+
+
+def test_cache_does_not_change_the_trained_student(models, data, tmp_path):
+    overrides = dict(training__epochs=3)
+    plain_calls = TeacherCalls()
+    plain = _weights(_train(_cfg(models, data, tmp_path, None, name="plain", **overrides), plain_calls))
+    assert plain_calls.per_epoch == {0: BATCHES, 1: BATCHES, 2: BATCHES}  # no cache: the teacher runs every step
+    cold = _weights(_train(_cfg(models, data, tmp_path, tmp_path / "cache", name="cold", **overrides)))
+    warm = _weights(_train(_cfg(models, data, tmp_path, tmp_path / "cache", name="warm", **overrides)))
+    assert plain.keys() == cold.keys() == warm.keys()
+    for key in plain:
+        torch.testing.assert_close(cold[key], plain[key], rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(warm[key], plain[key], rtol=0, atol=1e-6, msg=key)
+    # and training did move the weights, so the comparison means something
+    start = M.student_from_teacher(M.load_model(str(models["teacher"]), "sequence_classification"), [0, 2],
+                                   "sequence_classification", None).state_dict()
+    assert not torch.equal(start["classifier.weight"], plain["classifier.weight"])
+
+
+def test_augmented_teacher_texts_miss_the_cache(models, data, tmp_path):
+    cache = tmp_path / "cache"
+    _train(_cfg(models, data, tmp_path, cache))  # every original text is cached now
+    target = PAIRS[0][0]
+    calls, exclaim = TeacherCalls(), Exclaim(target)
+    _train(_cfg(models, data, tmp_path, cache, name="aug", training__epochs=2), calls, exclaim)
+    # the one batch holding the changed text misses (and reads the changed text), the others hit;
+    # in the second epoch the changed text is cached too
+    assert len(exclaim.changed_steps) == 2
+    assert calls.per_epoch == {0: 1}
+    tok = M.load_tokenizer(str(models["teacher"]))
+    read = calls.ids_read()
+    assert len(read) == 4
+    assert tok(target + " !")["input_ids"] in read and tok(target)["input_ids"] not in read
+
+    # the entry stored for the changed text is the teacher's output on the changed text
+    teacher = M.load_model(str(models["teacher"]), "sequence_classification").eval()
+    entry = TeacherCache(cache, fingerprint(teacher), SETTINGS)
+    stored = entry.get_many([target + " !"])
+    assert stored is not None
+    with torch.no_grad():
+        logits = teacher(**tok([target + " !"], return_tensors="pt")).logits[0].numpy()
+        plain_logits = teacher(**tok([target], return_tensors="pt")).logits[0].numpy()
+    np.testing.assert_allclose(stored[0], logits, atol=1e-5)
+    assert not np.allclose(stored[0], plain_logits, atol=1e-4)
+    entry.close()
+
+
+def test_a_different_teacher_does_not_reuse_entries(models, data, tmp_path):
+    cache = tmp_path / "cache"
+    _train(_cfg(models, data, tmp_path, cache))
+    calls = TeacherCalls()
+    cfg = _cfg(models, data, tmp_path, cache, name="other", training__epochs=2,
+               teachers=[{"model": str(models["teacher2"]), "name": "teacher"}],
+               student={"from_teacher": {"layers": [0, 1]}})
+    _train(cfg, calls)
+    assert calls.per_epoch == {0: BATCHES}
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_teacher_cache_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    texts = ["a", "b c", ["word", "list"], "ü ñ 字"]
+    arrays = [rng.normal(size=3).astype(np.float32), rng.normal(size=3).astype(np.float32),
+              rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+    cache = TeacherCache(tmp_path, "fp", SETTINGS)
+    assert cache.get_many(texts) is None and cache.misses == 4
+    cache.put_many(texts, arrays)
+    got = cache.get_many(texts[::-1] + ["a"])
+    assert got is not None and cache.hits == 5
+    for g, a in zip(got, arrays[::-1] + [arrays[0]]):
+        assert g.dtype == np.float32 and g.shape == a.shape
+        np.testing.assert_array_equal(g, a)
+    assert cache.get_many(["a", "not cached"]) is None  # all or nothing
+    assert cache.get_many([["word", "list"]]) is not None and cache.get_many(["word list"]) is None
+    cache.close()
+
+    # entries persist, and are separate per teacher fingerprint and per settings
+    again = TeacherCache(tmp_path, "fp", SETTINGS)
+    np.testing.assert_array_equal(again.get_many(["b c"])[0], arrays[1])
+    assert TeacherCache(tmp_path, "other-fp", SETTINGS).get_many(["a"]) is None
+    assert TeacherCache(tmp_path, "fp", {**SETTINGS, "max_length": 64}).get_many(["a"]) is None
+
+    half = TeacherCache(tmp_path / "f16", "fp", SETTINGS, dtype="float16")
+    half.put_many(["a"], [arrays[0]])
+    np.testing.assert_allclose(half.get_many(["a"])[0], arrays[0], rtol=1e-3)
+
+
+def test_stack_padded_pads_word_level_arrays():
+    a, b = np.ones((2, 3), np.float32), np.full((4, 3), 2, np.float32)
+    out = stack_padded([a, b], "cpu")
+    assert out.shape == (2, 4, 3) and out.dtype == torch.float32
+    assert out[0, 2:].abs().sum() == 0 and torch.equal(out[1], torch.full((4, 3), 2.0))
+    assert stack_padded([np.zeros(3, np.float16), np.ones(3, np.float16)], "cpu").shape == (2, 3)
+
+
+def test_fingerprint_follows_the_weights(models):
+    a = M.load_model(str(models["teacher"]), "sequence_classification")
+    b = M.load_model(str(models["teacher"]), "sequence_classification")
+    assert fingerprint(a) == fingerprint(b)
+    before = fingerprint(b)
+    with torch.no_grad():
+        b.bert.encoder.layer[1].attention.self.query.weight[3, 5] += 1e-3
+    assert fingerprint(b) != before
+    with torch.no_grad():
+        b.bert.encoder.layer[1].attention.self.query.weight.copy_(a.bert.encoder.layer[1].attention.self.query.weight)
+    assert fingerprint(b) == before
+    assert fingerprint(M.load_model(str(models["teacher2"]), "sequence_classification")) != before

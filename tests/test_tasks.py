@@ -1,0 +1,129 @@
+"""The three tasks and the cross-lingual modes, including different tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import polydistill
+from polydistill import ConfigError
+from polydistill.models import load_model, load_tokenizer
+
+from conftest import PAIRS, parallel_config, write_jsonl
+
+
+def test_embedding_distillation_in_parallel_mode_improves_retrieval(models, data, tmp_path):
+    """Reimers & Gurevych 2020: the student maps a sentence and its translation onto the teacher's embedding."""
+    rows = [{"en": en, "de": de, "lang": "de"} for en, de, _ in PAIRS]
+    # student learns from both sides: teacher(en) -> student(de) and teacher(en) -> student(en)
+    train = write_jsonl(tmp_path / "emb.jsonl", rows + [{**r, "de": r["en"], "lang": "en"} for r in rows])
+    ev = write_jsonl(tmp_path / "emb_eval.jsonl", rows)
+    cfg = {
+        "task": "embedding",
+        "mode": "parallel",
+        "teachers": [{"model": str(models["embed"])}],
+        "student": {"model": str(models["other_tok"])},  # another vocabulary and a classification checkpoint's encoder
+        "data": {
+            "train": {"path": str(train), "columns": {"text": "de", "source": "en", "lang": "lang"}},
+            "eval": {"path": str(ev), "columns": {"text": "de", "source": "en", "lang": "lang"}},
+            "batch_size": 6,
+        },
+        "training": {"epochs": 40, "learning_rate": 3e-3, "progress": False, "eval_every": 10_000},
+        "output_dir": str(tmp_path / "run"),
+    }
+    before = polydistill.evaluate({**cfg, "student": {"model": str(models["other_tok"])}})["student"]
+    result = polydistill.train(cfg)
+    mse = [r["loss/mse"] for r in result.history if "loss/mse" in r]
+    assert mse[-1] < 0.2 * mse[0]
+    after = result.metrics["per_language"]["de"]
+    assert set(after) == {"src2tgt", "tgt2src", "mean"}
+    assert after["mean"] > before["per_language"]["de"]["mean"]
+    assert after["mean"] >= 0.75
+
+
+def test_different_tokenizers_distil_sequence_logits(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, student={"model": str(models["other_tok"])}, training__max_steps=3)
+    result = polydistill.train(cfg)
+    assert "loss/kl" in result.history[0]
+    s_tok, t_tok = load_tokenizer(str(models["other_tok"])), load_tokenizer(str(models["teacher"]))
+    assert s_tok.get_vocab() != t_tok.get_vocab()
+
+
+def test_per_token_terms_refuse_different_tokens(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, plugins={"kd": {"hidden": 1.0}})
+    with pytest.raises(ConfigError, match="plugins.kd.hidden: matching per-token states needs"):
+        polydistill.train(cfg)
+
+
+def _same_mode(models, data, tmp_path, **kd):
+    cfg = parallel_config(models, data, tmp_path, mode="same", training__epochs=3, plugins={"kd": kd})
+    cfg["data"]["train"]["columns"] = {"text": "de", "lang": "lang"}
+    return cfg
+
+
+def test_hidden_state_and_attention_matching_with_projection(models, data, tmp_path):
+    # wide teacher (48) -> student (32): a learned projection per mapped layer
+    cfg = _same_mode(models, data, tmp_path, hidden=1.0, attention=1.0, layer_map={1: 1, 2: 2})
+    cfg["teachers"] = [{"model": str(models["wide"])}]
+    cfg["student"] = {"model": str(models["teacher2"])}
+    result = polydistill.train(cfg)
+    steps = [r for r in result.history if "loss" in r]
+    assert {"loss/kl", "loss/hidden", "loss/attention"} <= set(steps[0])
+    assert steps[-1]["loss/hidden"] < steps[0]["loss/hidden"]
+    # the projections are trained and checkpointed with the models (second prepared module)
+    saved = list((result.output_dir / "checkpoints").glob("checkpoint-*/model_1.safetensors"))
+    assert saved
+    from safetensors.torch import load_file
+
+    weights = load_file(str(saved[-1]))
+    assert {k.split(".")[0] for k in weights} == {"kd__projections"}
+    assert weights["kd__projections.hidden_1.weight"].shape == (48, 32)
+
+
+def test_layer_map_out_of_range(models, data, tmp_path):
+    cfg = _same_mode(models, data, tmp_path, hidden=1.0, layer_map={3: 1})
+    with pytest.raises(ConfigError, match="plugins.kd.layer_map"):
+        polydistill.train(cfg)
+
+
+def test_token_classification_aligns_words_across_tokenizers(models, tmp_path):
+    """Teacher-student learning for tagging on unlabelled text, student with another tokenizer."""
+    food = {"soup", "bread", "pasta", "cake", "suppe", "brot", "nudeln", "kuchen"}
+    rows, evals = [], []
+    for en, de, _ in PAIRS:
+        for text, lang in ((en, "en"), (de, "de")):
+            words = text.split()
+            tags = ["B-FOOD" if w in food else "O" for w in words]
+            rows.append({"words": words, "lang": lang})
+            evals.append({"words": words, "tags": tags, "lang": lang})
+    train = write_jsonl(tmp_path / "tok.jsonl", rows)
+    ev = write_jsonl(tmp_path / "tok_eval.jsonl", evals)
+    # teacher: fine-tune the tagger on the labelled rows
+    teacher = polydistill.train({
+        "task": "token_classification",
+        "student": {"model": str(models["tagger"])},
+        "data": {"train": {"path": str(ev), "columns": {"text": "words", "label": "tags", "lang": "lang"}}, "batch_size": 8},
+        "training": {"epochs": 40, "learning_rate": 5e-3, "progress": False},
+        "output_dir": str(tmp_path / "teacher"),
+    })
+    assert teacher.metrics == {}  # no eval data configured
+    cfg = {
+        "task": "token_classification",
+        "teachers": [{"model": str(teacher.student_dir)}],
+        "student": {"config": {"base": str(models["other_tok"]), "num_hidden_layers": 1}},
+        "labels": ["O", "B-FOOD", "I-FOOD"],
+        "data": {
+            "train": {"path": str(train), "columns": {"text": "words", "lang": "lang"}},
+            "eval": {"path": str(ev), "columns": {"text": "words", "label": "tags", "lang": "lang"}},
+            "batch_size": 8,
+        },
+        "training": {"epochs": 40, "learning_rate": 5e-3, "progress": False, "eval_every": 10_000},
+        "output_dir": str(tmp_path / "student"),
+    }
+    result = polydistill.train(cfg)
+    per_lang = result.metrics["per_language"]
+    assert set(per_lang) == {"de", "en"}
+    assert {"token_accuracy", "token_macro_f1", "entity_f1"} <= set(per_lang["en"])
+    assert result.metrics["average"]["entity_f1"] > 0.5
+    kl = [r["loss/kl"] for r in result.history if "loss/kl" in r]
+    assert kl[-1] < kl[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -115,6 +114,16 @@ def test_sharded_loader_shards_are_disjoint_and_equally_long(dataset, tok):
             seen.append(idx)
         assert not set(seen[0]) & set(seen[1])
         assert len(set(seen[0]) | set(seen[1])) == len(seen[0]) + len(seen[1])
+
+
+def test_loader_epochs_are_seeded(dataset, tok):
+    col = Collator("embedding", tok, [tok], 32)
+    a = Loader(dataset, col, 4, seed=1, shuffle=True, group=True)
+    b = Loader(dataset, col, 4, seed=1, shuffle=True, group=True)
+    plans = [[x.tolist() for x in a.batches(e)] for e in range(3)]
+    assert plans[1] == [x.tolist() for x in b.batches(1)]
+    assert plans[0] != plans[1] and plans[1] != plans[2]
+    assert [x.tolist() for x in Loader(dataset, col, 4, seed=2, shuffle=True, group=True).batches(0)] != plans[0]
 
 
 def test_loader_skip_yields_the_batches_after_the_first_k(dataset, tok):

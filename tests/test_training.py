@@ -214,3 +214,13 @@ def test_eval_data_languages_are_reported_separately(models, data, tmp_path):
     cfg = load_config(parallel_config(models, data, tmp_path))
     ds = load_sources(cfg.data.eval, cfg)
     assert sorted(set(ds["lang"])) == ["de", "en"]
+
+
+def test_gradient_accumulation_and_bf16_autocast(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, training__epochs=2, training__gradient_accumulation_steps=3,
+                          training__mixed_precision="bf16")
+    result = polydistill.train(cfg)
+    steps = [r["step"] for r in result.history if "loss" in r]
+    # 12 rows / batch 4 = 3 micro-batches an epoch = 1 optimizer step an epoch
+    assert steps == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history if "loss" in r)

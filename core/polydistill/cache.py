@@ -20,11 +20,31 @@ import torch
 def fingerprint(model: torch.nn.Module) -> str:
     """A hash of a model's config and weights."""
     h = hashlib.sha1()
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)  # where it was loaded from, not what it computes
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what a fast tokenizer computes."""
+    from polydistill.data import tokenizer_spec
+
+    return hashlib.sha1(json.dumps(tokenizer_spec(tokenizer), sort_keys=True).encode()).hexdigest()
+
+
+def read_settings(config: Any, tokenizer: Any) -> dict[str, Any]:
+    """Everything besides the teacher's weights and the text that changes what the teacher outputs."""
+    return {
+        "task": config.task,
+        "pooling": config.pooling,
+        "max_length": config.data.max_length,
+        "mixed_precision": config.training.mixed_precision,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
 
 
 class TeacherCache:

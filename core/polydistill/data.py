@@ -134,7 +134,8 @@ def load_sources(sources: list[DataSource], config: Config) -> Any:
 # --------------------------------------------------------------------------- encoding
 
 
-def _tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
+def tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
+    """What a fast tokenizer computes (its backend's JSON), without per-call settings."""
     # The backend keeps the truncation/padding of the last call; they are not part of the tokenizer.
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec.pop("truncation", None)
@@ -143,7 +144,7 @@ def _tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
-    return a is b or _tokenizer_spec(a) == _tokenizer_spec(b)
+    return a is b or tokenizer_spec(a) == tokenizer_spec(b)
 
 
 class Collator:
@@ -236,8 +237,11 @@ class Collator:
                 cache[key] = self._encode_one(tok or self.student_tokenizer, teacher_texts)
             teacher_inputs.append(cache[key][0])
             teacher_words.append(cache[key][1])
-        if labels is not None and student_words is not None and labels.size(1) != student_words.size(1):
-            raise DataError("augmented token-task text changed the number of words; labels no longer align")
+        if labels is not None and student_words is not None:
+            if labels.size(1) != student_words.size(1):
+                raise DataError("augmented token-task text changed the number of words; labels no longer align")
+            # words cut off by max_length have no logits: their labels must not count
+            labels = labels.masked_fill(student_words < 0, -100)
         return Batch(
             texts=texts,
             teacher_texts=teacher_texts,

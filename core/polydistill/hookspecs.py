@@ -108,7 +108,8 @@ def augment_batch(batch: Batch, state: TrainState) -> Batch | None:
 def select_teachers(batch: Batch, teachers: list[Any], state: TrainState) -> torch.Tensor | None:
     """Return how much each teacher counts for this batch, or None.
 
-    ``teachers`` is the list of teacher models (``state.teacher_names`` has
+    Called in every training step after ``augment_batch``, before any
+    teacher runs. ``teachers`` is the list of teacher models (``state.teacher_names`` has
     their config names, same order). Return a tensor of shape
     ``(num_teachers,)`` (one weight per teacher for the whole batch) or
     ``(batch_size, num_teachers)`` (per sample). Rows should sum to 1; the

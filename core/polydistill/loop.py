@@ -26,7 +26,7 @@ from torch import nn
 from polydistill import checkpoint as ckpt
 from polydistill import models as M
 from polydistill.batch import Batch, ModelOutputs
-from polydistill.cache import TeacherCache, fingerprint, stack_padded
+from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
 from polydistill.config import Config, load_config
 from polydistill.data import Collator, load_sources, make_loader
 from polydistill.errors import ConfigError, PluginError
@@ -92,6 +92,7 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         set_seed(tc.seed)
         self.output_dir = Path(output_dir or config.output_dir)
+        _fresh_accelerate_state()
         self.accelerator = Accelerator(
             mixed_precision=tc.mixed_precision,
             gradient_accumulation_steps=tc.gradient_accumulation_steps,
@@ -108,9 +109,11 @@ class Trainer:
             teachers.append(M.load_model(config.resolve_path(t.model), config.task, config.labels, t.revision, role).eval())
             teacher_toks.append(M.load_tokenizer(config.resolve_path(t.tokenizer or t.model), role))
         labels = config.labels or (M.model_labels(teachers[0]) if teachers and config.task != "embedding" else None)
-        if config.task != "embedding" and not labels:
-            raise ConfigError("labels: give the label names (the run has no teacher to take them from)")
         student, student_tok = self._build_student(teachers, teacher_toks, labels)
+        if config.task != "embedding" and not labels:
+            labels = M.model_labels(student, named_only=True)
+            if not labels:
+                raise ConfigError("labels: give the label names (neither a teacher nor the student model names them)")
         for t in teachers:
             if config.task != "embedding" and t.config.num_labels != len(labels or []):
                 raise ConfigError(f"labels: {len(labels or [])} labels but a teacher has {t.config.num_labels}; give `labels` matching the teachers")
@@ -206,8 +209,10 @@ class Trainer:
         if not cc.enabled:
             return [None] * len(self.state.teachers)
         directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
-        settings = {"task": self.config.task, "pooling": self.config.pooling, "max_length": self.config.data.max_length}
-        return [TeacherCache(directory, fingerprint(self.accelerator.unwrap_model(t)), settings, cc.dtype) for t in self.state.teachers]
+        return [
+            TeacherCache(directory, fingerprint(self.accelerator.unwrap_model(t)), read_settings(self.config, tok), cc.dtype)
+            for t, tok in zip(self.state.teachers, self.state.teacher_tokenizers)
+        ]
 
     # ------------------------------------------------------------------ one step
 
@@ -441,6 +446,19 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         if self.config.trackers:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+
+def _fresh_accelerate_state() -> None:
+    """Let each run in a process choose its own precision and accumulation.
+
+    accelerate keeps them in process-wide singletons that refuse a second,
+    different setting; sweeps and notebooks run several configs in one process.
+    The distributed (partial) state is kept: it belongs to the launch.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def _quiet_transformers() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,15 @@ def load_tokenizer(name_or_path: str, role: str = "tokenizer") -> Any:
     return tok
 
 
-def model_labels(model: nn.Module) -> list[str] | None:
+def model_labels(model: nn.Module, named_only: bool = False) -> list[str] | None:
+    """The model's label names in id order; with ``named_only``, None for transformers' LABEL_i defaults."""
     id2label = getattr(model.config, "id2label", None) or {}
     if not id2label:
         return None
-    return [id2label[i] for i in sorted(id2label)]
+    names = [id2label[i] for i in sorted(id2label)]
+    if named_only and names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return names
 
 
 def _layer_list(model: nn.Module) -> nn.ModuleList:
@@ -83,7 +88,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], task: str, label
     teacher block ``layers[i]``.
     """
     n = teacher.config.num_hidden_layers
-    bad = [i for i in layers if i >= n]
+    bad = [i for i in layers if not 0 <= i < n]
     if bad:
         raise ConfigError(f"student.from_teacher.layers: {bad} out of range, the teacher has {n} layers (0..{n - 1})")
     config = copy.deepcopy(teacher.config)
@@ -114,9 +119,13 @@ def student_from_config(base: str, overrides: dict[str, Any], task: str, labels:
         config = AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"student.config.base: cannot load config '{base}': {exc}") from None
+    fields = set(config.to_dict())
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"student.config.{key}: not a field of {type(config).__name__}{hint}")
     for key, value in {**overrides, **_label_kwargs(task, labels)}.items():
-        if not hasattr(config, key) and key not in ("num_labels", "id2label", "label2id"):
-            raise ConfigError(f"student.config.{key}: not a field of {type(config).__name__}")
         setattr(config, key, value)
     return _auto(task).from_config(config, attn_implementation="eager")
 

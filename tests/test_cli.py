@@ -1,0 +1,81 @@
+"""The command line as a user drives it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from polydistill.cli import main
+
+from conftest import parallel_config
+
+
+def test_train_then_eval_a_run_directory(models, data, tmp_path, capsys):
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--set", "training.max_steps=3"]) == 0
+    assert "student saved to" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "config.json").read_text())["training"]["max_steps"] == 3
+
+    assert main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| model | de | en | average |" in out and "| student |" in out
+
+    assert main(["eval", str(path), "--which", "teachers", "--json"]) == 0
+    teachers = json.loads(capsys.readouterr().out)
+    assert set(teachers) == {"teacher:teacher"} and set(teachers["teacher:teacher"]["per_language"]) == {"de", "en"}
+
+
+def test_resume_flag_continues_a_finished_run_to_more_steps(models, data, tmp_path, capsys):
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--resume", "--set", "training.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "checkpoint-2" in out
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    path = tmp_path / "bad.yaml"
+    path.write_text("task: embeding\nstudent: {model: m}\ndata: {train: {path: x.jsonl}}\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "task: Input should be 'sequence_classification', 'token_classification' or 'embedding' (got 'embeding')" in err
+
+
+def test_missing_data_file_is_named(models, data, tmp_path, capsys):
+    cfg = parallel_config(models, data, tmp_path)
+    cfg["data"]["train"]["path"] = str(tmp_path / "missing.jsonl")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    assert f"data: file not found: {tmp_path / 'missing.jsonl'}" in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "polydistill", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("polydistill ")
+
+
+def test_demo_quick_run_shows_transfer(tmp_path):
+    from polydistill.demo import run_demo
+
+    results = run_demo(tmp_path / "demo", quick=True)
+    assert set(results) == {"teacher", "student before", "student after"}
+    after, before = results["student after"], results["teacher"]
+    targets = ["de", "es", "fr", "it"]
+    gain = [after["per_language"][l]["accuracy"] - before["per_language"][l]["accuracy"] for l in targets]
+    assert min(gain) > 0.15  # the student learnt every target language from the English-only teacher
+    png = (tmp_path / "demo" / "results.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert "| student after |" in (tmp_path / "demo" / "results.md").read_text()

@@ -128,3 +128,38 @@ def test_schema_lists_every_section(capsys):
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert {"task", "mode", "teachers", "student", "data", "training", "plugins", "cache"} <= set(schema["properties"])
+
+
+def test_token_classification_refuses_parallel_mode():
+    msg = _error({**MINIMAL, "task": "token_classification", "mode": "parallel"})
+    assert "word i of a sentence is not word i of its translation" in msg
+
+
+def test_labels_in_another_order_than_the_teachers_are_refused(models, data, tmp_path):
+    from conftest import LABELS, parallel_config
+
+    cfg = parallel_config(models, data, tmp_path, labels=list(reversed(LABELS)))
+    with pytest.raises(ConfigError, match="labels are matched by position"):
+        polydistill.train(cfg)
+
+
+def test_run_config_has_absolute_paths_and_evaluates_from_anywhere(models, data, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from conftest import parallel_config
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(data["parallel"], work / "p.jsonl")
+    shutil.copy(data["eval"], work / "e.jsonl")
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=1)
+    cfg["data"]["train"]["path"] = "p.jsonl"
+    cfg["data"]["eval"]["path"] = "e.jsonl"
+    cfg["output_dir"] = str(tmp_path / "run")
+    monkeypatch.chdir(work)
+    polydistill.train(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["train"][0]["path"] == str(work / "p.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert "student" in polydistill.evaluate(tmp_path / "run")

@@ -373,3 +373,15 @@ def test_unknown_label_is_a_data_error_naming_it(tok):
     tcol = Collator("token_classification", tok, [tok], 32, labels=TAGS)
     with pytest.raises(polydistill.DataError, match="'B-PER'"):
         tcol({"text": [["the", "soup"]], "label": [["O", "B-PER"]], "lang": ["en"]})
+
+
+def test_one_column_can_be_both_text_and_source(tmp_path):
+    from polydistill import load_config
+    from polydistill.data import load_sources
+
+    path = tmp_path / "same.jsonl"
+    path.write_text('{"s": "hello world", "lang": "en"}\n{"s": "good day", "lang": "en"}\n')
+    cfg = load_config({"task": "embedding", "mode": "parallel", "student": {"model": "m"},
+                       "data": {"train": {"path": str(path), "columns": {"text": "s", "source": "s", "lang": "lang"}}}})
+    ds = load_sources(cfg.data.train, cfg)
+    assert ds["text"] == ds["source"] == ["hello world", "good day"]

@@ -143,3 +143,12 @@ def test_sequence_forward_and_per_layer_outputs(teacher, models):
     assert len(out.attentions) == teacher.config.num_hidden_layers
     assert plain.hidden_states is None and plain.attentions is None
     torch.testing.assert_close(out.logits, plain.logits)
+
+
+def test_a_teacher_without_a_trained_head_is_refused(models, data, tmp_path):
+    from conftest import parallel_config
+
+    # the embedding model has an encoder but no classification head
+    cfg = parallel_config(models, data, tmp_path, teachers=[{"model": str(models["embed"])}])
+    with pytest.raises(polydistill.ConfigError, match=r"teachers\[0\]: .* has no trained sequence_classification head"):
+        polydistill.train(cfg)

@@ -224,3 +224,11 @@ def test_gradient_accumulation_and_bf16_autocast(models, data, tmp_path):
     # 12 rows / batch 4 = 3 micro-batches an epoch = 1 optimizer step an epoch
     assert steps == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history if "loss" in r)
+
+
+def test_an_epochs_leftover_micro_batches_still_make_a_step(models, data, tmp_path):
+    # 3 micro-batches an epoch in groups of 2: steps of 2 + 1 micro-batches, none carried over
+    cfg = parallel_config(models, data, tmp_path, training__epochs=2, training__gradient_accumulation_steps=2)
+    result = polydistill.train(cfg)
+    rows = [r for r in result.history if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1)]

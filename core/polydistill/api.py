@@ -60,7 +60,6 @@ def save_run(trainer: Any, metrics: dict[str, Any]) -> Path:
         versions = trainer.host.versions()
         dump_json(out / "plugins.json", versions)
         dump_json(out / "metrics.json", metrics)
-        dump_json(out / "config.json", trainer.config.to_dict())
         write_atomic(student_dir / "README.md", model_card(trainer.config, metrics, versions, state.step))
     return student_dir
 

@@ -99,7 +99,7 @@ class DataSource(_Strict):
     )
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "hub"] = Field("auto", description="File format; auto guesses from the extension.")
     name: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = Field("train", description="Split to read (files and hub datasets).")
+    split: str = Field("train", description="Split to read from a hub dataset (use `filter` to pick rows of a local file).")
     lang: str | None = Field(None, description="Language tag for every row (when there is no lang column).")
     columns: Columns = Field(default_factory=Columns, description="Column mapping.")
     filter: dict[str, Any] | None = Field(None, description="Keep only rows whose columns equal these values, e.g. {split: train}.")
@@ -191,6 +191,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.mode == "parallel" and self.task == "token_classification":
+            raise ValueError(
+                "mode 'parallel' does not work for token_classification: word i of a sentence is not word i of its "
+                "translation. Distil tags on target-language text in mode 'same' (teacher-student learning)"
+            )
         if self.mode == "parallel":
             missing = [i for i, s in enumerate(self.data.train) if s.columns.source is None]
             if missing:
@@ -220,6 +225,27 @@ class Config(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The config as a dict with every local path made absolute, so it works from any folder."""
+        data = self.to_dict()
+
+        def fix(value: str | None) -> str | None:
+            if value is None:
+                return None
+            path = Path(self.resolve_path(value))
+            return str(path.resolve()) if path.exists() else value
+
+        for section in [*data["teachers"], data["student"]]:
+            for key in ("model", "tokenizer"):
+                section[key] = fix(section.get(key))
+        if data["student"].get("config"):
+            data["student"]["config"]["base"] = fix(data["student"]["config"]["base"])
+        for source in [*data["data"]["train"], *data["data"]["eval"]]:
+            source["path"] = fix(source["path"])
+            if source["aligned"]:
+                source["aligned"] = {k: fix(v) for k, v in source["aligned"].items()}
+        return data
 
 
 # --------------------------------------------------------------------------- loading

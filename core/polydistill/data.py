@@ -90,9 +90,19 @@ def normalise(ds: Any, source: DataSource, config: Config, where: str) -> Any:
         ds = ds.filter(lambda row: all(row[k] == v for k, v in expected.items()))
     if source.limit is not None:
         ds = ds.take(source.limit) if source.streaming else ds.select(range(min(source.limit, len(ds))))
-    keep = {col: role for role, col in wanted.items() if col is not None}
+    keep = {}
+    copies = {}  # one column mapped to two roles (e.g. text and source) is read twice
+    for role, col in wanted.items():
+        if col is None:
+            continue
+        if col in keep:
+            copies[role] = keep[col]
+        else:
+            keep[col] = role
     ds = ds.select_columns(list(keep))
     ds = ds.rename_columns({c: r for c, r in keep.items() if c != r}) if any(c != r for c, r in keep.items()) else ds
+    if copies:
+        ds = ds.map(lambda row: {role: row[src] for role, src in copies.items()})
     if "lang" not in keep.values():
         lang = source.lang or "und"
         if source.streaming:
@@ -333,6 +343,9 @@ class Loader:
         n = math.ceil(len(self.dataset) / self.batch_size)
         return n // self.num_shards if self.num_shards > 1 else n
 
+    def num_batches(self, epoch: int) -> int:
+        return len(self)
+
     def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch``, leaving out the first ``skip`` (resume)."""
         for idx in self.batches(epoch)[skip:]:
@@ -373,6 +386,9 @@ class StreamLoader:
 
     def __len__(self) -> int:
         raise TypeError("a streamed dataset has no length; set training.max_steps")
+
+    def num_batches(self, epoch: int) -> None:
+        return None
 
     def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
         rows = iter(self.dataset)

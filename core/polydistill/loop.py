@@ -8,6 +8,7 @@ accelerate places models and batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -93,9 +94,10 @@ class Trainer:
         set_seed(tc.seed)
         self.output_dir = Path(output_dir or config.output_dir)
         _fresh_accelerate_state()
+        # Gradient accumulation is done by the loop, so that an epoch's last, smaller
+        # group still ends in an optimizer step and resumes stay step-aligned.
         self.accelerator = Accelerator(
             mixed_precision=tc.mixed_precision,
-            gradient_accumulation_steps=tc.gradient_accumulation_steps,
             log_with=config.trackers or None,
             project_dir=str(self.output_dir),
         )
@@ -106,17 +108,22 @@ class Trainer:
         teachers, teacher_toks = [], []
         for i, t in enumerate(config.teachers):
             role = f"teachers[{i}]"
-            teachers.append(M.load_model(config.resolve_path(t.model), config.task, config.labels, t.revision, role).eval())
-            teacher_toks.append(M.load_tokenizer(config.resolve_path(t.tokenizer or t.model), role))
+            teachers.append(M.load_model(config.resolve_path(t.model), config.task, None, t.revision, role, require_head=True).eval())
+            teacher_toks.append(M.load_tokenizer(config.resolve_path(t.tokenizer or t.model), role, None if t.tokenizer else t.revision))
         labels = config.labels or (M.model_labels(teachers[0]) if teachers and config.task != "embedding" else None)
         student, student_tok = self._build_student(teachers, teacher_toks, labels)
         if config.task != "embedding" and not labels:
             labels = M.model_labels(student, named_only=True)
             if not labels:
                 raise ConfigError("labels: give the label names (neither a teacher nor the student model names them)")
-        for t in teachers:
-            if config.task != "embedding" and t.config.num_labels != len(labels or []):
-                raise ConfigError(f"labels: {len(labels or [])} labels but a teacher has {t.config.num_labels}; give `labels` matching the teachers")
+        for name, t in zip(config.teacher_names(), teachers):
+            if config.task != "embedding":
+                own = M.model_labels(t, named_only=True)
+                if t.config.num_labels != len(labels or []) or (own and own != labels):
+                    raise ConfigError(
+                        f"labels: {labels} do not match teacher '{name}' ({own or t.config.num_labels}); "
+                        "labels are matched by position, so give them in the teacher's order (or leave `labels` out)"
+                    )
             t.requires_grad_(False)
 
         # Data
@@ -144,11 +151,14 @@ class Trainer:
         for plugin, mods in self.host.per_plugin("trainable_modules", state=state).items():
             for name, module in mods.items():
                 state.modules[f"{plugin}.{name}"] = module
-        self.plugin_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in state.modules.items()})
+        # Plugin modules are called outside the student's forward, so DDP must not wrap
+        # them: they are placed, their gradients averaged in step(), their weights
+        # checkpointed by the core. Teachers are placed, not prepared, so checkpoints
+        # do not carry frozen copies of them.
+        self.plugin_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in state.modules.items()}).to(acc.device)
         state.optimizer = self._optimizer(student, self.plugin_modules)
-        state.student, state.optimizer, self.plugin_modules = acc.prepare(student, state.optimizer, self.plugin_modules)
-        state.modules = {k: self.plugin_modules[k.replace(".", "__")] for k in state.modules}
-        state.teachers = [acc.prepare_model(t, evaluation_mode=True) for t in teachers]
+        state.student, state.optimizer = acc.prepare(student, state.optimizer)
+        state.teachers = [t.to(acc.device) for t in teachers]
         state.scheduler = self._scheduler(state.optimizer)
         self.caches = self._caches()
         self._evaluated_at = self._checkpointed_at = -1
@@ -181,7 +191,7 @@ class Trainer:
             per_epoch = len(self.loader)
         except TypeError:
             raise ConfigError("training.max_steps: required when the training data is streamed") from None
-        return max(1, math.ceil(per_epoch / tc.gradient_accumulation_steps)) * tc.epochs
+        return math.ceil(per_epoch / tc.gradient_accumulation_steps) * tc.epochs
 
     def _optimizer(self, student: nn.Module, extra: nn.Module) -> torch.optim.Optimizer:
         tc = self.config.training
@@ -259,30 +269,33 @@ class Trainer:
         return out
 
     def default_teacher_outputs(self, batch: Batch, weights: torch.Tensor) -> ModelOutputs:
-        """Run each teacher with non-zero weight and average logits/embeddings by weight."""
-        fused: ModelOutputs | None = None
-        for i in range(len(self.state.teachers)):
-            w = weights[..., i]
-            if not bool((w != 0).any()):
-                continue
-            out = self.run_teacher(i, batch)
-            value = out.logits if out.logits is not None else out.embeddings
-            scaled = value * (w.view(-1, *[1] * (value.dim() - 1)) if w.dim() else w)
-            if fused is None:
-                fused = out
-                fused.extra["teacher_index"] = i
-                field_name = "logits" if out.logits is not None else "embeddings"
-                setattr(fused, field_name, scaled)
-            elif fused.logits is not None:
-                fused.logits = fused.logits + scaled
-            else:
-                fused.embeddings = fused.embeddings + scaled
-        if fused is None:
+        """Average the logits/embeddings of teachers with non-zero weight; per-layer outputs of teacher 0."""
+        state = self.state
+        active = [i for i in range(len(state.teachers)) if bool((weights[..., i] != 0).any())]
+        if not active:
             raise PluginError("select_teachers gave every teacher weight 0 for a batch", hook="select_teachers")
+        outs = {i: self.run_teacher(i, batch) for i in active}
+        if (state.need_hidden_states or state.need_attentions) and 0 not in outs:
+            outs[0] = self.run_teacher(0, batch)
+        fused = ModelOutputs(mask=outs[0].mask if 0 in outs else None, extra={"teachers": active})
+        if 0 in outs:
+            fused.hidden_states, fused.attentions = outs[0].hidden_states, outs[0].attentions
+        field_name = "embeddings" if self.config.task == "embedding" else "logits"
+        total = None
+        for i in active:
+            value, w = getattr(outs[i], field_name), weights[..., i]
+            scaled = value * (w.view(-1, *[1] * (value.dim() - 1)) if w.dim() else w)
+            total = scaled if total is None else total + scaled
+        setattr(fused, field_name, total)
+        fused.word_mask = outs[active[0]].word_mask
         return fused
 
-    def step(self, batch: Batch) -> dict[str, float]:
-        """One training micro-step through every hook point; returns the logged values."""
+    def step(self, batch: Batch, group_size: int = 1, sync: bool = True) -> dict[str, float]:
+        """One micro-step through every hook point; the optimizer steps when ``sync``.
+
+        ``group_size`` is the number of micro-batches whose gradients add up to
+        one optimizer step (gradient accumulation); each loss is divided by it.
+        """
         state, host, acc = self.state, self.host, self.accelerator
         batch = host.augment_batch(batch, state)
         teacher_out = self.teacher_forward(batch)
@@ -297,8 +310,9 @@ class Trainer:
         loss = sum(terms.values()) + sum(regs.values())
         if not torch.isfinite(loss):
             raise PluginError(f"loss is {loss.item()} at step {state.step}: terms {{{', '.join(f'{k}: {v.item():.4g}' for k, v in {**terms, **regs}.items())}}}")
-        acc.backward(loss)
-        if acc.sync_gradients:
+        with contextlib.nullcontext() if sync else acc.no_sync(state.student):
+            acc.backward(loss / group_size)
+        if sync:
             if acc.num_processes > 1:  # plugin modules are not inside DDP's forward
                 for p in self.plugin_modules.parameters():
                     if p.grad is not None:
@@ -306,10 +320,10 @@ class Trainer:
             if self.config.training.max_grad_norm:
                 params = [p for g in state.optimizer.param_groups for p in g["params"]]
                 acc.clip_grad_norm_(params, self.config.training.max_grad_norm)
-        state.optimizer.step()
-        if acc.sync_gradients and not acc.optimizer_step_was_skipped:
-            state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
+            state.optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
         logs = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
         logs.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         logs["loss"] = float(loss.detach())
@@ -324,53 +338,25 @@ class Trainer:
             self.resume(resume)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.dump_json(self.output_dir / "config.json", self.config.to_dict())
+            ckpt.dump_json(self.output_dir / "config.json", self.config.resolved_dict())
         if self.config.trackers:
             acc.init_trackers(self.config.project_name, config=_flat(self.config.to_dict()))
         stop = _StopFlag()
-        window: dict[str, list[float]] = {}
-        metrics: dict[str, Any] = {}
+        self._pending: list[dict[str, float]] = []
+        self._metrics: dict[str, Any] = {}
         epochs = tc.epochs if not tc.max_steps else sys.maxsize
-        bar = _progress(tc.progress and acc.is_local_main_process, state.total_steps, state.step)
-        start = time.perf_counter()
+        self._bar = _progress(tc.progress and acc.is_local_main_process, state.total_steps, state.step)
+        self._start = time.perf_counter()
         try:
             with stop:
                 while state.step < state.total_steps and state.epoch < epochs:
-                    for batch in self.loader.iterate(state.epoch, skip=state.batch_in_epoch):
-                        batch = send_to_device(batch, state.device)
-                        with acc.accumulate(state.student):
-                            logs = self.step(batch)
-                        state.batch_in_epoch += 1
-                        for k, v in logs.items():
-                            window.setdefault(k, []).append(v)
-                        if not acc.sync_gradients:
-                            continue
-                        state.step += 1
-                        logs = {k: float(np.mean(v)) for k, v in window.items()}
-                        window.clear()
-                        logs["lr"] = state.scheduler.get_last_lr()[0]
-                        self.host.call("on_step_end", state=state, logs=logs)
-                        self._log(logs, bar, time.perf_counter() - start)
-                        if tc.eval_every and state.step % tc.eval_every == 0:
-                            metrics = self.evaluate()
-                        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                            self.save_checkpoint()
-                        if state.step >= state.total_steps or stop.requested:
-                            break
-                    else:
-                        state.epoch += 1
-                        state.batch_in_epoch = 0
-                        if not tc.eval_every:
-                            metrics = self.evaluate()
-                        if not tc.checkpoint_every:
-                            self.save_checkpoint()
-                        continue
+                    self._run_epoch(stop)
                     if stop.requested:
                         self.save_checkpoint()
                         raise KeyboardInterrupt
-                    break
         finally:
-            bar.close()
+            self._bar.close()
+        metrics = self._metrics
         if self._evaluated_at != state.step:
             metrics = self.evaluate()
         if self._checkpointed_at != state.step:
@@ -379,6 +365,39 @@ class Trainer:
         if self.config.trackers:
             acc.end_training()
         return metrics
+
+    def _run_epoch(self, stop: _StopFlag) -> None:
+        """Steps of the current epoch from where it stands; returns at its end, at the last step, or on a stop."""
+        state, tc = self.state, self.config.training
+        accum = tc.gradient_accumulation_steps
+        n = self.loader.num_batches(state.epoch)
+        micro: list[dict[str, float]] = []
+        for batch, last in _with_last(self.loader.iterate(state.epoch, skip=state.batch_in_epoch)):
+            group_start = state.batch_in_epoch - state.batch_in_epoch % accum
+            group_size = min(accum, n - group_start) if n is not None else accum
+            sync = last or (state.batch_in_epoch + 1) % accum == 0
+            micro.append(self.step(send_to_device(batch, state.device), group_size, sync))
+            state.batch_in_epoch += 1
+            if not sync:
+                continue
+            state.step += 1
+            logs = {k: float(np.mean([m[k] for m in micro if k in m])) for k in micro[0]}
+            micro.clear()
+            logs["lr"] = state.scheduler.get_last_lr()[0]
+            self.host.call("on_step_end", state=state, logs=logs)
+            self._log(logs)
+            if tc.eval_every and state.step % tc.eval_every == 0:
+                self._metrics = self.evaluate()
+            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                self.save_checkpoint()
+            if state.step >= state.total_steps or stop.requested:
+                return
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        if not tc.eval_every:
+            self._metrics = self.evaluate()
+        if not tc.checkpoint_every:
+            self.save_checkpoint()
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the student on data.eval; the result is logged and handed to plugins."""
@@ -411,6 +430,7 @@ class Trainer:
             "batch_in_epoch": state.batch_in_epoch,
             "scheduler": state.scheduler.state_dict(),
             "plugins": self.host.per_plugin("state_dict", state=state),
+            "plugin_modules": self.plugin_modules.state_dict(),
             "history": state.history,
         }
         return ckpt.save(self.accelerator, self.output_dir / "checkpoints", state.step, extra, self.config.training.keep_checkpoints)
@@ -425,17 +445,25 @@ class Trainer:
         extra = ckpt.load_extra(found)
         state.step, state.epoch, state.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
         state.scheduler.load_state_dict(extra["scheduler"])
+        self.plugin_modules.load_state_dict(extra["plugin_modules"])
         state.history = list(extra.get("history", []))
         self._checkpointed_at = state.step
         self.host.load_states(state, extra.get("plugins", {}))
         self.accelerator.print(f"resumed from {found} at step {state.step}")
 
-    def _log(self, logs: dict[str, float], bar: Any, elapsed: float) -> None:
+    def _log(self, logs: dict[str, float]) -> None:
+        """Advance the bar; every ``log_every`` steps record the mean of each value since the last record."""
         state, tc = self.state, self.config.training
-        bar.update(1)
-        if state.step % tc.log_every == 0 or state.step == state.total_steps:
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items() if k != "lr"}, refresh=False)
-            self._record({"step": state.step, "epoch": state.epoch, "elapsed_s": round(elapsed, 3), **logs})
+        self._bar.update(1)
+        self._pending.append(logs)
+        if state.step % tc.log_every and state.step != state.total_steps:
+            return
+        keys = dict.fromkeys(k for row in self._pending for k in row)
+        mean = {k: float(np.mean([row[k] for row in self._pending if k in row])) for k in keys}
+        mean["lr"] = logs["lr"]
+        self._pending.clear()
+        self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in mean.items() if k != "lr"}, refresh=False)
+        self._record({"step": state.step, "epoch": state.epoch, "elapsed_s": round(time.perf_counter() - self._start, 3), **mean})
 
     def _record(self, row: dict[str, Any]) -> None:
         self.state.history.append(row)
@@ -477,6 +505,19 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
     return out
+
+
+def _with_last(items: Iterable[Any]) -> Iterable[tuple[Any, bool]]:
+    """Yield (item, is_last) with one item of look-ahead."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
 
 
 class _StopFlag:

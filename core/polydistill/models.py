@@ -36,24 +36,41 @@ def _label_kwargs(task: str, labels: list[str] | None) -> dict[str, Any]:
     }
 
 
-def load_model(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None, role: str = "model") -> nn.Module:
-    """Load a model for ``task`` from a hub id or local directory with transformers' Auto classes."""
+def load_model(
+    name_or_path: str,
+    task: str,
+    labels: list[str] | None = None,
+    revision: str | None = None,
+    role: str = "model",
+    require_head: bool = False,
+) -> nn.Module:
+    """Load a model for ``task`` from a hub id or local directory with transformers' Auto classes.
+
+    ``require_head``: fail when the task's head is not in the checkpoint (teachers).
+    """
     kwargs: dict[str, Any] = {"attn_implementation": "eager", **_label_kwargs(task, labels)}
     if revision:
         kwargs["revision"] = revision
     try:
-        model = _auto(task).from_pretrained(name_or_path, **kwargs)
+        model, info = _auto(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         hint = "" if Path(name_or_path).exists() else " (not a local directory; as a hub id it needs network access or the local HF cache)"
         raise ConfigError(f"{role}: cannot load '{name_or_path}'{hint}: {exc}") from None
+    if require_head and task != "embedding":
+        missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
+        if missing:
+            raise ConfigError(
+                f"{role}: '{name_or_path}' has no trained {task} head (not in the checkpoint: {', '.join(missing[:4])}); "
+                "a teacher with a random head teaches noise. Fine-tune it first: a config with no teachers does that."
+            )
     return model
 
 
-def load_tokenizer(name_or_path: str, role: str = "tokenizer") -> Any:
+def load_tokenizer(name_or_path: str, role: str = "tokenizer", revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **({"revision": revision} if revision else {}))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{role}: cannot load tokenizer '{name_or_path}': {exc}") from None
     if not getattr(tok, "is_fast", False):

@@ -67,7 +67,7 @@ def _reduce(per: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor 
     if mask is not None:
         w = w * mask.to(per.dtype)
     if weights is not None:
-        w = w * weights.to(per.dtype).view(-1, *[1] * (per.dim() - 1))
+        w = w * weights.to(per.device, per.dtype).view(-1, *[1] * (per.dim() - 1))
     return (per * w).sum() / w.sum().clamp(min=1e-9)
 
 
@@ -93,13 +93,15 @@ class StandardKD:
         classify = task != "embedding"
         self.weights = {
             "kl": s.kl if s.kl is not None else float(classify and has_teacher),
-            "ce": s.ce if s.ce is not None else float(not has_teacher),
+            "ce": s.ce if s.ce is not None else float(classify and not has_teacher),
             "mse": s.mse if s.mse is not None else float(task == "embedding" and has_teacher),
             "cosine": s.cosine,
             "hidden": s.hidden,
             "attention": s.attention,
         }
         teacher_terms = ("kl", "mse", "cosine", "hidden", "attention")
+        if not has_teacher and not classify:
+            raise ConfigError("teachers: the embedding task learns a teacher's embeddings; give at least one teacher")
         if not has_teacher:
             bad = [k for k in teacher_terms if self.weights[k]]
             if bad:

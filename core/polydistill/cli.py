@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         resume = out if args.resume is True else Path(args.resume)
     result = train(cfg, resume=resume, output_dir=out)
-    print(f"student saved to {result.student_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+        print(f"student saved to {result.student_dir}")
     return 0
 
 

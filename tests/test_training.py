@@ -232,3 +232,27 @@ def test_an_epochs_leftover_micro_batches_still_make_a_step(models, data, tmp_pa
     result = polydistill.train(cfg)
     rows = [r for r in result.history if "loss" in r]
     assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+
+
+def test_tensorboard_tracker_receives_every_term(models, data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=3, trackers=["tensorboard"], project_name="tb")
+    polydistill.train(cfg)
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "loss/kl", "lr", "eval/accuracy", "eval/de/accuracy"} <= tags
+    assert [e.step for e in acc.Scalars("loss/kl")] == [1, 2, 3]
+
+
+def test_streamed_training_data(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=5)
+    cfg["data"]["train"]["streaming"] = True
+    cfg["data"]["stream_buffer"] = 5
+    result = polydistill.train(cfg)
+    assert [r["step"] for r in result.history if "loss" in r] == [1, 2, 3, 4, 5]
+    cfg["training"].pop("max_steps")
+    with pytest.raises(polydistill.ConfigError, match="training.max_steps: required when the training data is streamed"):
+        polydistill.train(cfg)

@@ -58,7 +58,7 @@ def configs(out: Path, files: dict[str, Path], labels: list[str], quick: bool) -
         "labels": labels,
         "student": {"model": str(out / "teacher-init")},
         "data": {"train": {"path": str(files["english"]), "columns": {"label": "label", "lang": "lang"}}, "eval": test, "batch_size": 16},
-        "training": {"epochs": 6 if quick else 20, "learning_rate": 1e-3, "warmup_ratio": 0.1, **common},
+        "training": {"epochs": 6 if quick else 20, "learning_rate": 1e-3, "warmup_ratio": 0.1, "eval_every": 10_000, **common},
         "output_dir": str(out / "teacher"),
     }
     distill = {
@@ -130,12 +130,12 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
         encoding="utf-8",
     )
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    plot(results, "accuracy", out / "results.png")
+    plot(results, "accuracy", out / "results.png", chance=1 / len(labels))
     print(f"[demo] wrote {out / 'results.md'} and {out / 'results.png'} in {time.perf_counter() - start:.0f}s")
     return results
 
 
-def plot(results: dict[str, dict[str, Any]], metric: str, path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], metric: str, path: Path, chance: float | None = None) -> None:
     """Grouped bars: one group per language (plus the average), one bar per model."""
     import matplotlib
 
@@ -151,7 +151,8 @@ def plot(results: dict[str, dict[str, Any]], metric: str, path: Path) -> None:
         xs = [i + (k - (len(results) - 1) / 2) * width for i in range(len(groups))]
         bars = ax.bar(xs, values, width, label=name)
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
-    ax.axhline(1 / 4, color="grey", linestyle=":", linewidth=1, label="chance (4 topics)")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(metric)

@@ -126,3 +126,28 @@ def test_token_classification_aligns_words_across_tokenizers(models, tmp_path):
     assert result.metrics["average"]["entity_f1"] > 0.5
     kl = [r["loss/kl"] for r in result.history if "loss/kl" in r]
     assert kl[-1] < kl[0]
+
+
+class SharpenBatch:
+    """Hands kd a temperature and per-sample weights computed from the outputs."""
+
+    def __init__(self):
+        self.seen = []
+
+    @polydistill.hookimpl
+    def augment_batch(self, batch, state):
+        def temperature(student_out, teacher_out):
+            t = torch.full((len(batch),), 0.5, device=student_out.logits.device)
+            self.seen.append(t)
+            return t
+
+        batch.meta["temperature"] = temperature
+        batch.meta["sample_weights"] = lambda s, t: torch.ones(len(batch), device=s.logits.device)
+        return batch
+
+
+def test_kd_takes_temperature_and_weights_from_another_plugin(models, data, tmp_path):
+    sharpen = SharpenBatch()
+    result = polydistill.train(parallel_config(models, data, tmp_path, training__max_steps=2), plugins=[("sharpen", sharpen)])
+    assert len(sharpen.seen) == 2
+    assert [r["kd/temperature"] for r in result.history if "loss" in r] == [0.5, 0.5]

@@ -256,3 +256,28 @@ def test_streamed_training_data(models, data, tmp_path):
     cfg["training"].pop("max_steps")
     with pytest.raises(polydistill.ConfigError, match="training.max_steps: required when the training data is streamed"):
         polydistill.train(cfg)
+
+
+class MakeBatches:
+    """Generates every training batch itself (what a data-free plugin such as gan_data does)."""
+
+    @hookimpl
+    def augment_batch(self, batch, state):
+        assert batch.meta.get("placeholder") and len(batch) == 0
+        n = batch.meta["batch_size"]
+        texts = [PAIRS[(state.step + i) % len(PAIRS)][1] for i in range(n)]
+        enc = dict(state.student_tokenizer(texts, return_tensors="pt", padding=True))
+        return polydistill.Batch(texts=texts, teacher_texts=texts, langs=["de"] * n,
+                                 student_inputs=enc, teacher_inputs=[enc]).to(state.device)
+
+
+def test_a_run_without_training_data_trains_on_plugin_batches(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, mode="same", training__max_steps=3)
+    cfg["data"]["train"] = []
+    result = polydistill.train(cfg, plugins=[("make", MakeBatches())])
+    assert [r["step"] for r in result.history if "loss" in r] == [1, 2, 3]
+    with pytest.raises(polydistill.PluginError, match="data.train is empty and no plugin generated this batch"):
+        polydistill.train(cfg)
+    cfg["training"].pop("max_steps")
+    with pytest.raises(polydistill.ConfigError, match="data.train is empty"):
+        polydistill.train(cfg)

@@ -24,6 +24,8 @@ _LAZY = {
     "Batch": "polydistill.batch",
     "ModelOutputs": "polydistill.batch",
     "TrainState": "polydistill.loop",
+    "forward": "polydistill.models",
+    "evaluate_model": "polydistill.evaluation",
     "train": "polydistill.api",
     "evaluate": "polydistill.api",
     "RunResult": "polydistill.api",
@@ -43,6 +45,8 @@ __all__ = [
     "TrainState",
     "__version__",
     "evaluate",
+    "evaluate_model",
+    "forward",
     "hookimpl",
     "load_config",
     "train",
@@ -60,4 +64,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from polydistill.api import RunResult, evaluate, train
     from polydistill.batch import Batch, ModelOutputs
     from polydistill.config import Config, PluginSettings, load_config
+    from polydistill.evaluation import evaluate_model
+    from polydistill.models import forward
     from polydistill.loop import TrainState

@@ -46,12 +46,16 @@ class Batch:
     meta: dict[str, Any] = field(default_factory=dict)
     encoder: Callable[..., Batch] | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if not self.teacher_words:
+            self.teacher_words = [None] * len(self.teacher_inputs)
+
     def __len__(self) -> int:
         return len(self.texts)
 
     @property
     def device(self) -> torch.device:
-        return self.student_inputs["input_ids"].device
+        return next(iter(self.student_inputs.values())).device
 
     def to(self, device: Any, non_blocking: bool = False) -> Batch:
         """Move every tensor to ``device`` (accelerate calls this)."""

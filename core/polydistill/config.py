@@ -116,7 +116,11 @@ class DataSource(_Strict):
 class DataConfig(_Strict):
     """Training and evaluation data, tokenization and batching."""
 
-    train: list[DataSource] = Field(description="One source or a list of sources, concatenated.")
+    train: list[DataSource] = Field(
+        default_factory=list,
+        description="One source or a list of sources, concatenated. Empty only for runs whose batches a plugin "
+        "generates (data-free distillation); then training.max_steps is required.",
+    )
     eval: list[DataSource] = Field(default_factory=list, description="Evaluation sources; metrics are reported per language.")
     max_length: int = Field(128, ge=2, description="Truncate each text to this many tokens.")
     batch_size: int = Field(32, ge=1, description="Training batch size per device.")
@@ -191,6 +195,11 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if not self.data.train and not self.training.max_steps:
+            raise ValueError(
+                "data.train is empty: give a training source, or training.max_steps for a run whose batches "
+                "a plugin generates (data-free distillation)"
+            )
         if self.mode == "parallel" and self.task == "token_classification":
             raise ValueError(
                 "mode 'parallel' does not work for token_classification: word i of a sentence is not word i of its "

@@ -411,9 +411,33 @@ class StreamLoader:
                 yield self.collator(cols)
 
 
-def make_loader(dataset: Any, collator: Collator, batch_size: int, seed: int, shuffle: bool, group: bool, buffer: int = 10000, num_shards: int = 1, shard: int = 0) -> Loader | StreamLoader:
+class PlaceholderLoader:
+    """Endless empty batches for runs without training data, for a plugin to fill in ``augment_batch``.
+
+    Each batch has no texts and no inputs; ``batch.meta["batch_size"]`` says
+    how many examples the generating plugin should make.
+    """
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        raise TypeError("a run without training data has no epoch length; set training.max_steps")
+
+    def num_batches(self, epoch: int) -> None:
+        return None
+
+    def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+        while True:
+            yield Batch(texts=[], teacher_texts=[], langs=[], student_inputs={}, teacher_inputs=[],
+                        meta={"batch_size": self.batch_size, "placeholder": True})
+
+
+def make_loader(dataset: Any, collator: Collator, batch_size: int, seed: int, shuffle: bool, group: bool, buffer: int = 10000, num_shards: int = 1, shard: int = 0) -> Loader | StreamLoader | PlaceholderLoader:
     import datasets
 
+    if dataset is None:
+        return PlaceholderLoader(batch_size)
     if isinstance(dataset, datasets.IterableDataset):
         return StreamLoader(dataset, collator, batch_size, seed, shuffle, group, buffer, num_shards, shard)
     return Loader(dataset, collator, batch_size, seed, shuffle, group, num_shards, shard)

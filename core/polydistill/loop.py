@@ -128,7 +128,7 @@ class Trainer:
 
         # Data
         dc = config.data
-        self.train_data = load_sources(dc.train, config)
+        self.train_data = load_sources(dc.train, config) if dc.train else None
         self.collator = Collator(config.task, student_tok, teacher_toks, dc.max_length, dc.padding, labels, config.mode == "parallel")
         acc = self.accelerator
         self.loader = make_loader(
@@ -298,6 +298,8 @@ class Trainer:
         """
         state, host, acc = self.state, self.host, self.accelerator
         batch = host.augment_batch(batch, state)
+        if not batch.student_inputs:
+            raise PluginError("data.train is empty and no plugin generated this batch in augment_batch (e.g. gan_data)", hook="augment_batch")
         teacher_out = self.teacher_forward(batch)
         student_out = M.forward(
             state.student, batch.student_inputs, self.config.task, batch.student_words,

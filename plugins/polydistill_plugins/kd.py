@@ -3,9 +3,13 @@
 Terms, each with its own weight (0 switches a term off):
 
 - ``kl``: KL(teacher || student) on logits softened by a temperature, times T²
-  (Hinton et al. 2015). ``batch.meta["temperature"]`` (a number or a ``(B,)``
-  tensor), when another plugin sets it, replaces the configured temperature
-  for that step; ``batch.meta["sample_weights"]`` (``(B,)``) weights samples.
+  (Hinton et al. 2015). ``batch.meta["temperature"]``, when another plugin
+  sets it, replaces the configured temperature for that step: a number, a
+  ``(B,)`` tensor (per sample; it may carry gradients, e.g. a learnable
+  temperature), or a callable ``f(student_out, teacher_out)`` returning one
+  of those (for temperatures that depend on the outputs).
+  ``batch.meta["sample_weights"]`` weights samples the same way (a ``(B,)``
+  tensor or such a callable) in every term.
 - ``ce``: cross-entropy with the gold labels.
 - ``mse`` / ``cosine``: pooled embedding matching (Reimers & Gurevych 2020);
   a learned linear projection maps the student's width to the teacher's when
@@ -69,6 +73,11 @@ def _reduce(per: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor 
     if weights is not None:
         w = w * weights.to(per.device, per.dtype).view(-1, *[1] * (per.dim() - 1))
     return (per * w).sum() / w.sum().clamp(min=1e-9)
+
+
+def _resolve(value: Any, student_out: Any, teacher_out: Any) -> Any:
+    """A hand-off value from another plugin: itself, or computed from the outputs when callable."""
+    return value(student_out, teacher_out) if callable(value) else value
 
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
@@ -144,7 +153,7 @@ class StandardKD:
     @hookimpl
     def loss_terms(self, batch: Any, student_out: Any, teacher_out: Any, state: Any) -> dict[str, torch.Tensor]:
         w, terms = self.weights, {}
-        weights = batch.meta.get("sample_weights")
+        weights = _resolve(batch.meta.get("sample_weights"), student_out, teacher_out)
         if w["ce"]:
             if batch.labels is None:
                 raise ConfigError("plugins.kd.ce: the training data has no labels (columns.label)")
@@ -156,8 +165,8 @@ class StandardKD:
             mask = student_out.word_mask
             if mask is not None and teacher_out.word_mask is not None:
                 mask = mask & teacher_out.word_mask
-            temperature = batch.meta.get("temperature", self.settings.temperature)
-            self.used_temperature = float(torch.as_tensor(temperature, dtype=torch.float32).mean())
+            temperature = _resolve(batch.meta.get("temperature", self.settings.temperature), student_out, teacher_out)
+            self.used_temperature = float(torch.as_tensor(temperature, dtype=torch.float32).detach().mean())
             terms["kl"] = w["kl"] * kl_divergence(student_out.logits, teacher_out.logits, temperature, mask, weights)
         if w["mse"] or w["cosine"]:
             s_emb = student_out.embeddings

@@ -102,7 +102,6 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         self.host = PluginHost.from_config(config.plugins, plugins)
-        _quiet_transformers()
 
         # Models: teachers first (a student may be cut from one), labels, then the student.
         teachers, teacher_toks = [], []
@@ -489,13 +488,6 @@ def _fresh_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-
-
-def _quiet_transformers() -> None:
-    """Per-file weight-loading bars would drown the run's own progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -48,6 +48,9 @@ def load_model(
 
     ``require_head``: fail when the task's head is not in the checkpoint (teachers).
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading bars would bury the run's own output
     kwargs: dict[str, Any] = {"attn_implementation": "eager", **_label_kwargs(task, labels)}
     if revision:
         kwargs["revision"] = revision

@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from polydistill.tiny import build_tiny_model, train_tokenizer
+
+# Tiny models run fastest on one thread; more only add scheduling overhead (and
+# fight over the cores with anything else running).
+torch.set_num_threads(1)
 
 LABELS = ["food", "sports", "weather"]
 PAIRS = [

@@ -76,8 +76,13 @@ class TrainState:
         return self.plugins.settings.get(plugin)
 
     def rng(self, salt: int = 0) -> torch.Generator:
-        """A CPU generator seeded by (seed, step, salt): the same choices after a resume."""
-        return torch.Generator().manual_seed(hash((self.config.training.seed, self.step, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+        """A CPU generator seeded by the run's seed and position (epoch, micro-batch, process) and ``salt``.
+
+        The same position gives the same draws, so a resumed run makes the same
+        choices; each micro-batch of an accumulation group and each process differs.
+        """
+        key = (self.config.training.seed, self.epoch, self.batch_in_epoch, self.accelerator.process_index, salt)
+        return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
 
     def unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student)

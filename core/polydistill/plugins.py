@@ -123,6 +123,8 @@ def instantiate(name: str, obj: Any, settings: BaseModel | None) -> Any:
     if inspect.isclass(obj):
         try:
             return obj(settings) if settings is not None else obj()
+        except PolydistillError:  # already names the option at fault
+            raise
         except Exception as exc:
             raise PluginError(f"plugin '{name}' failed to start: {type(exc).__name__}: {exc}", plugin=name) from exc
     return obj

@@ -95,7 +95,7 @@ class StandardKD:
         self.weights: dict[str, float] = {}
         self.layer_map: dict[int, int] = {}
         self.projections = nn.ModuleDict()
-        self.used_temperature = settings.temperature
+        self.used_temperatures: list[float] = []
 
     def _resolve(self, state: Any) -> None:
         s, task, has_teacher = self.settings, state.task, bool(state.teachers)
@@ -166,7 +166,7 @@ class StandardKD:
             if mask is not None and teacher_out.word_mask is not None:
                 mask = mask & teacher_out.word_mask
             temperature = _resolve(batch.meta.get("temperature", self.settings.temperature), student_out, teacher_out)
-            self.used_temperature = float(torch.as_tensor(temperature, dtype=torch.float32).detach().mean())
+            self.used_temperatures.append(float(torch.as_tensor(temperature, dtype=torch.float32).detach().mean()))
             terms["kl"] = w["kl"] * kl_divergence(student_out.logits, teacher_out.logits, temperature, mask, weights)
         if w["mse"] or w["cosine"]:
             s_emb = student_out.embeddings
@@ -205,5 +205,7 @@ class StandardKD:
 
     @hookimpl
     def on_step_end(self, state: Any, logs: dict[str, float]) -> None:
-        if self.weights.get("kl"):
-            logs["kd/temperature"] = self.used_temperature
+        if self.weights.get("kl") and self.used_temperatures:
+            # the mean over this step's micro-batches, like the loss terms
+            logs["kd/temperature"] = sum(self.used_temperatures) / len(self.used_temperatures)
+            self.used_temperatures.clear()

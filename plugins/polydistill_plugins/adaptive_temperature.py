@@ -1,0 +1,403 @@
+"""Adaptive KD temperature and per-sample weights (plugin ``adaptive_temperature``).
+
+The ``kd`` plugin's KL term reads ``batch.meta["temperature"]`` and
+``batch.meta["sample_weights"]``; this plugin sets both from ``augment_batch``
+as callables ``f(student_out, teacher_out)``, which ``kd`` calls after the
+forward passes. What it can do (see ``docs/plugins/adaptive_temperature.md``):
+
+- a schedule: ``constant``, ``linear`` or ``cosine`` annealing from ``start``
+  to ``end``, after ``warmup_steps`` held at ``start``;
+- a per-sample temperature from the teacher's confidence:
+  ``T_i = clamp(base · f(h_i), min_temperature, max_temperature)`` with ``h_i``
+  the normalised entropy of the teacher's distribution and ``f`` linear from
+  ``scale_confident`` (h = 0) to ``scale_uncertain`` (h = 1);
+- the sample weightings TextBrewer names ``flsw`` and ``cwsm`` (Wen et al.
+  2019, "Preparing Lessons"), normalised to mean 1 and detached;
+- a learnable temperature (Curriculum Temperature for KD, Li et al. 2023):
+  one global parameter or a small MLP on the teacher and student logits,
+  squashed into ``[min_temperature, max_temperature]`` by a sigmoid and
+  trained adversarially through a gradient reversal layer whose strength
+  ``lambda`` follows a cosine curriculum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator
+from torch import nn
+
+import polydistill
+from polydistill import ConfigError, PluginSettings, hookimpl
+
+NAME = "adaptive_temperature"
+_DEFAULT_START = 2.0  # kd's default temperature, used when kd is not enabled
+
+
+class Settings(PluginSettings):
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="How the temperature moves from `start` to `end` over the run: constant (stays at `start`), linear or cosine."
+    )
+    min_temperature: float = Field(1.0, gt=0, description="Lower bound of every temperature this plugin hands to kd.")
+    max_temperature: float = Field(10.0, gt=0, description="Upper bound of every temperature this plugin hands to kd.")
+    start: float | None = Field(
+        None, gt=0, description="Temperature at the first step (and through the warm-up); default: kd's `temperature`."
+    )
+    end: float | None = Field(None, gt=0, description="Temperature reached at step `steps` - 1 by linear/cosine schedules; default: `start`.")
+    steps: int | None = Field(
+        None, ge=1, description="Length of the schedule in optimizer steps, warm-up included; default: the run's total steps."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps held at `start` before annealing begins.")
+    per_sample: Literal["off", "entropy"] = Field(
+        "off", description="`entropy`: scale the scheduled temperature per sample by the teacher's confidence."
+    )
+    scale_confident: float = Field(
+        1.5, gt=0, description="Factor on the scheduled temperature for a one-hot teacher distribution (normalised entropy 0)."
+    )
+    scale_uncertain: float = Field(
+        0.5, gt=0, description="Factor on the scheduled temperature for a uniform teacher distribution (normalised entropy 1)."
+    )
+    weighting: Literal["off", "flsw", "cwsm"] = Field(
+        "off", description="Per-sample weights for kd's terms: flsw (student-teacher distance) or cwsm (low confidence weighs more)."
+    )
+    flsw_gamma: float = Field(2.0, ge=0, description="flsw exponent: w = (1 - cos(student logits, teacher logits))^gamma.")
+    cwsm_confidence: Literal["student", "teacher"] = Field(
+        "student", description="Whose maximum probability cwsm uses: w = 1 / (max p + 0.001). TextBrewer uses the student's."
+    )
+    weighting_strength: float = Field(
+        1.0, ge=0, le=1, description="Blend between uniform weights (0) and the flsw/cwsm weights (1): w = 1 + s·(w - 1)."
+    )
+    learnable: Literal["off", "global", "instance"] = Field(
+        "off", description="CTKD learnable temperature: one parameter (global) or an MLP on teacher+student logits (instance)."
+    )
+    mlp_hidden: int = Field(64, ge=1, description="Hidden width of the instance-temperature MLP.")
+    lambda_min: float = Field(0.0, ge=0, description="Gradient-reversal strength at the first step (CTKD curriculum).")
+    lambda_max: float = Field(1.0, ge=0, description="Gradient-reversal strength reached at step `lambda_steps` - 1.")
+    lambda_steps: int | None = Field(None, ge=1, description="Length of the cosine lambda curriculum; default: the run's total steps.")
+
+    @field_validator("max_temperature")
+    @classmethod
+    def _bounds(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("min_temperature")
+        if low is not None and value <= low:
+            raise ValueError(f"must be greater than min_temperature ({low})")
+        return value
+
+    @field_validator("start", "end")
+    @classmethod
+    def _in_bounds(cls, value: float | None, info: ValidationInfo) -> float | None:
+        low, high = info.data.get("min_temperature"), info.data.get("max_temperature")
+        if value is not None and low is not None and high is not None and not low <= value <= high:
+            raise ValueError(f"must lie within [min_temperature, max_temperature] = [{low}, {high}]; widen those bounds")
+        return value
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_below_steps(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and value >= steps:
+            raise ValueError(f"must be smaller than steps ({steps}), or the schedule never leaves start")
+        return value
+
+    @field_validator("lambda_max")
+    @classmethod
+    def _lambda_order(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("lambda_min")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least lambda_min ({low}): the curriculum increases lambda")
+        return value
+
+    @field_validator("learnable")
+    @classmethod
+    def _learnable_alone(cls, value: str, info: ValidationInfo) -> str:
+        if value == "off":
+            return value
+        data = info.data
+        if data.get("schedule", "constant") != "constant":
+            raise ValueError(f"a learned temperature replaces the schedule; use schedule: constant (got {data['schedule']!r})")
+        if data.get("per_sample", "off") != "off":
+            raise ValueError("a learned temperature replaces per_sample; set per_sample: off (learnable: instance is per sample)")
+        if data.get("warmup_steps"):
+            raise ValueError("warmup_steps belongs to the schedule; the learned temperature's warm-up is the lambda curriculum (lambda_min)")
+        return value
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity in the forward pass; multiplies the gradient by ``-lambda`` in the backward pass (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lambda_: float) -> torch.Tensor:
+        ctx.lambda_ = float(lambda_)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.neg() * ctx.lambda_, None
+
+
+def reverse_gradient(x: torch.Tensor, lambda_: float) -> torch.Tensor:
+    return GradientReversal.apply(x, lambda_)
+
+
+def _per_sample(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B,) as is; (B, W) per-word values averaged over each sample's valid words."""
+    if values.dim() == 1:
+        return values
+    m = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def normalised_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of softmax(logits) divided by log(C), in [0, 1], one value per sample."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    h = -(logp.exp() * logp).sum(-1)
+    classes = logits.size(-1)
+    h = h / math.log(classes) if classes > 1 else torch.zeros_like(h)
+    return _per_sample(h, mask)
+
+
+def flsw_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw flsw weights: (1 - cos(student logits, teacher logits))^gamma per sample (Wen et al. 2019)."""
+    cos = (F.normalize(student_logits.float(), dim=-1) * F.normalize(teacher_logits.float(), dim=-1)).sum(-1)
+    return _per_sample((1 - cos).clamp(min=0) ** gamma, mask)
+
+
+def cwsm_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw cwsm weights: 1 / (max softmax probability + 0.001) per sample (Wen et al. 2019)."""
+    top = torch.softmax(logits.float(), dim=-1).max(-1).values
+    return _per_sample(1.0 / (top + 1e-3), mask)
+
+
+def normalise_weights(raw: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Scale to mean 1 over the batch, blend with uniform weights by ``strength``, detach."""
+    raw = raw.detach().float()
+    mean = raw.mean()
+    if not torch.isfinite(mean) or mean <= 0:
+        return torch.ones_like(raw)
+    return 1 + strength * (raw / mean - 1)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-3), 1 - 1e-3)
+    return math.log(p / (1 - p))
+
+
+class GlobalTemperature(nn.Module):
+    """One learnable temperature: ``low + (high - low) · sigmoid(raw)``."""
+
+    def __init__(self, low: float, high: float, init: float):
+        super().__init__()
+        self.low, self.high = low, high
+        self.raw = nn.Parameter(torch.tensor(_logit((init - low) / (high - low))))
+
+    def forward(self) -> torch.Tensor:
+        return self.low + (self.high - self.low) * torch.sigmoid(self.raw)
+
+
+class InstanceTemperature(nn.Module):
+    """A temperature per sample from an MLP on [teacher logits, student logits] (detached inputs).
+
+    The output layer starts at zero weights and a bias that gives ``init``, so
+    every sample starts at the same temperature and the MLP learns to spread them.
+    """
+
+    def __init__(self, num_classes: int, hidden: int, low: float, high: float, init: float, generator: torch.Generator):
+        super().__init__()
+        self.low, self.high = low, high
+        # skip_init: no draw from the global RNG (a run with this plugin keeps the student's dropout stream).
+        self.hidden = nn.utils.skip_init(nn.Linear, 2 * num_classes, hidden)
+        self.out = nn.utils.skip_init(nn.Linear, hidden, 1)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.randn(hidden, 2 * num_classes, generator=generator) / math.sqrt(2 * num_classes))
+            self.hidden.bias.zero_()
+            self.out.weight.zero_()
+            self.out.bias.fill_(_logit((init - low) / (high - low)))
+
+    def forward(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.out.weight.dtype
+        x = torch.cat([teacher_logits.detach().to(dtype), student_logits.detach().to(dtype)], dim=-1)
+        raw = self.out(F.gelu(self.hidden(x))).squeeze(-1)
+        return self.low + (self.high - self.low) * torch.sigmoid(_per_sample(raw, mask))
+
+
+class AdaptiveTemperature:
+    """Scheduled, confidence-based or learned (CTKD) KD temperatures, and flsw/cwsm sample weights."""
+
+    polydistill_api = polydistill.API_VERSION
+    Settings = Settings
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings = settings if settings is not None else Settings()
+        self.start = settings.start
+        self.horizon: int | None = settings.steps
+        self.lambda_horizon: int | None = settings.lambda_steps
+        self.module: nn.Module | None = None
+        self._used: list[dict[str, float]] = []
+        self._weights: list[dict[str, float]] = []
+        self._lambda: float | None = None
+
+    # ------------------------------------------------------------------ values by step
+
+    @property
+    def end(self) -> float:
+        return self.settings.end if self.settings.end is not None else self._start()
+
+    def _start(self) -> float:
+        return self.start if self.start is not None else _DEFAULT_START
+
+    def temperature_at(self, step: int) -> float:
+        """The scheduled temperature of the step with 0-based index ``step`` (``state.step`` during that step)."""
+        s, start = self.settings, self._start()
+        if s.schedule == "constant" or step < s.warmup_steps:
+            return start
+        span = (self.horizon or 1) - 1 - s.warmup_steps
+        p = 1.0 if span <= 0 else min(1.0, (step - s.warmup_steps) / span)
+        if s.schedule == "linear":
+            return start + (self.end - start) * p
+        return self.end + (start - self.end) * (1 + math.cos(math.pi * p)) / 2
+
+    def lambda_at(self, step: int) -> float:
+        """Gradient-reversal strength of step ``step``: cosine increase from lambda_min to lambda_max (CTKD)."""
+        s = self.settings
+        span = (self.lambda_horizon or 1) - 1
+        p = 1.0 if span <= 0 else min(1.0, step / span)
+        return s.lambda_min + (s.lambda_max - s.lambda_min) * (1 - math.cos(math.pi * p)) / 2
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @hookimpl
+    def trainable_modules(self, state: Any) -> dict[str, nn.Module] | None:
+        s = self.settings
+        if not state.teachers:
+            raise ConfigError(f"plugins.{NAME}: the KD temperature needs a teacher, and the run has none")
+        if state.task == "embedding":
+            raise ConfigError(f"plugins.{NAME}: task embedding has no logits, so there is no KL temperature or flsw/cwsm weight")
+        if self.start is None:
+            kd = state.settings("kd")
+            self.start = float(getattr(kd, "temperature", _DEFAULT_START))
+            if not s.min_temperature <= self.start <= s.max_temperature:
+                raise ConfigError(
+                    f"plugins.{NAME}.start: kd's temperature {self.start} is outside [min_temperature, max_temperature] = "
+                    f"[{s.min_temperature}, {s.max_temperature}]; give start or widen the bounds"
+                )
+        if self.horizon is None:
+            self.horizon = state.total_steps
+        if self.lambda_horizon is None:
+            self.lambda_horizon = state.total_steps
+        if s.schedule != "constant" and s.warmup_steps >= self.horizon:
+            raise ConfigError(
+                f"plugins.{NAME}.warmup_steps: {s.warmup_steps} is not below the schedule's {self.horizon} steps, "
+                "so the temperature would never leave start"
+            )
+        if s.learnable == "global":
+            self.module = GlobalTemperature(s.min_temperature, s.max_temperature, self._start())
+        elif s.learnable == "instance":
+            classes = len(state.labels) if state.labels else state.teachers[0].config.num_labels
+            self.module = InstanceTemperature(classes, s.mlp_hidden, s.min_temperature, s.max_temperature, self._start(), state.rng(0xA7))
+        return {"temperature": self.module} if self.module is not None else None
+
+    @hookimpl
+    def state_dict(self, state: Any) -> dict[str, Any]:
+        # The learned temperature's weights are checkpointed by the core (trainable_modules).
+        return {"horizon": self.horizon, "lambda_horizon": self.lambda_horizon, "start": self.start}
+
+    @hookimpl
+    def load_state_dict(self, state: Any, plugin_state: dict[str, Any]) -> None:
+        # A resumed run keeps the schedule it started with, even when training.max_steps changed,
+        # unless the config now fixes the lengths itself.
+        if self.settings.steps is None:
+            self.horizon = plugin_state["horizon"]
+        if self.settings.lambda_steps is None:
+            self.lambda_horizon = plugin_state["lambda_horizon"]
+
+    # ------------------------------------------------------------------ each step
+
+    @hookimpl
+    def augment_batch(self, batch: Any, state: Any) -> Any:
+        if "temperature" in batch.meta:
+            raise ConfigError(
+                f"plugins.{NAME}: another plugin listed before it already set batch.meta['temperature']; "
+                "only one plugin may choose the KD temperature"
+            )
+        step = state.step
+        base = self.temperature_at(step)
+        lam = self.lambda_at(step) if self.module is not None else None
+        meta = dict(batch.meta)
+
+        def temperature(student_out: Any, teacher_out: Any) -> Any:
+            return self._temperature(student_out, teacher_out, base, lam)
+
+        meta["temperature"] = temperature
+        if self.settings.weighting != "off":
+            previous = meta.get("sample_weights")
+
+            def sample_weights(student_out: Any, teacher_out: Any) -> torch.Tensor:
+                return self._sample_weights(student_out, teacher_out, previous)
+
+            meta["sample_weights"] = sample_weights
+        return dataclasses.replace(batch, meta=meta)
+
+    def _temperature(self, student_out: Any, teacher_out: Any, base: float, lam: float | None) -> Any:
+        s = self.settings
+        mask = _mask(student_out, teacher_out)
+        if s.learnable == "global":
+            value = reverse_gradient(self.module(), lam)
+        elif s.learnable == "instance":
+            value = reverse_gradient(self.module(teacher_out.logits, student_out.logits, mask), lam)
+        elif s.per_sample == "entropy":
+            h = normalised_entropy(teacher_out.logits.detach(), mask)
+            factor = s.scale_confident + (s.scale_uncertain - s.scale_confident) * h
+            value = (base * factor).clamp(s.min_temperature, s.max_temperature)
+        else:
+            value = base
+        t = torch.as_tensor(value, dtype=torch.float32).detach()
+        # the same reduction kd uses for kd/temperature, so both logs agree
+        self._used.append({"mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()), "base": base, "lambda": lam})
+        return value
+
+    def _sample_weights(self, student_out: Any, teacher_out: Any, previous: Any) -> torch.Tensor:
+        s = self.settings
+        mask = _mask(student_out, teacher_out)
+        with torch.no_grad():
+            student, teacher = student_out.logits.detach(), teacher_out.logits.detach()
+            if s.weighting == "flsw":
+                raw = flsw_weights(student, teacher, s.flsw_gamma, mask)
+            else:
+                raw = cwsm_weights(student if s.cwsm_confidence == "student" else teacher, mask)
+            w = normalise_weights(raw, s.weighting_strength)
+            self._weights.append({"min": float(w.min()), "max": float(w.max()), "std": float(w.std(unbiased=False))})
+            if previous is not None:
+                other = previous(student_out, teacher_out) if callable(previous) else previous
+                w = w * torch.as_tensor(other, device=w.device).detach().to(w.dtype).view(-1)
+        return w
+
+    @hookimpl
+    def on_step_end(self, state: Any, logs: dict[str, float]) -> None:
+        s, used, weights = self.settings, self._used, self._weights
+        if used:
+            logs[f"{NAME}/temperature"] = sum(u["mean"] for u in used) / len(used)
+            if s.per_sample != "off" or s.learnable == "instance":
+                logs[f"{NAME}/temperature_min"] = min(u["min"] for u in used)
+                logs[f"{NAME}/temperature_max"] = max(u["max"] for u in used)
+            if s.per_sample != "off":
+                logs[f"{NAME}/base"] = used[-1]["base"]
+            if s.learnable != "off":
+                logs[f"{NAME}/lambda"] = used[-1]["lambda"]
+        if weights:
+            logs[f"{NAME}/weight_min"] = min(w["min"] for w in weights)
+            logs[f"{NAME}/weight_max"] = max(w["max"] for w in weights)
+            logs[f"{NAME}/weight_std"] = sum(w["std"] for w in weights) / len(weights)
+        used.clear()
+        weights.clear()
+
+
+def _mask(student_out: Any, teacher_out: Any) -> torch.Tensor | None:
+    """Valid words for token tasks (as kd's KL term counts them), None for sequence tasks."""
+    mask = student_out.word_mask
+    if mask is not None and teacher_out.word_mask is not None:
+        mask = mask & teacher_out.word_mask
+    return mask

@@ -1,0 +1,240 @@
+"""The synonym plugin: WordNet (read from local files, never downloaded) or a synonym table."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import polydistill
+from polydistill import ConfigError, hookimpl
+from polydistill.loop import TrainState
+from polydistill_plugins import augment
+from polydistill_plugins.augment import SynonymAugment, load_wordnet
+
+from conftest import PAIRS, write_jsonl
+from conftest import parallel_config as _parallel_config
+
+TABLE = {"soup": ["broth"], "hot": ["warm"], "bread": ["loaf"], "cold": ["chilly"], "team": ["squad"],
+         "cake": ["gateau"], "wind": ["breeze"], "sun": ["star"], "match": ["game"], "morning": ["dawn"],
+         "snow": ["powder"], "day": ["date"], "goal": ["score"], "pasta": ["noodles"], "players": ["athletes"]}
+ENGLISH = {en for en, _, _ in PAIRS}
+GERMAN = {de for _, de, _ in PAIRS}
+
+
+def wordnet_available() -> bool:
+    return augment._is_wordnet_db("/usr/share/wordnet")
+
+
+needs_wordnet = pytest.mark.skipif(not wordnet_available(), reason="WordNet is not installed (apt-get install wordnet-base)")
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("syn") / "synonyms.tsv"
+    lines = ["# word<TAB>synonyms", *("\t".join([k, *v]) for k, v in TABLE.items()), "tonight\tthis evening"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one torch thread is many times faster than oversubscribed ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def parallel_config(models, data, tmp_path, **extra):
+    return _parallel_config(models, data, tmp_path, data__eval=[], **extra)
+
+
+def same_config(models, data, tmp_path, **extra):
+    cfg = parallel_config(models, data, tmp_path, mode="same", **extra)
+    cfg["data"]["train"] = {"path": str(data["eval"]), "columns": {"label": "label", "lang": "lang"}}
+    return cfg
+
+
+class Seen:
+    def __init__(self):
+        self.rows = []
+
+    @hookimpl
+    def loss_terms(self, batch, student_out, teacher_out, state):
+        labels = None if batch.labels is None else batch.labels.tolist()
+        self.rows.append((list(batch.texts), list(batch.teacher_texts), dict(batch.meta.get("augmented", {})), labels))
+
+
+def fake_state(seed=0, step=0, batch_in_epoch=0):
+    state = SimpleNamespace(config=SimpleNamespace(training=SimpleNamespace(seed=seed), resolve_path=lambda p: p, mode="same"),
+                            step=step, epoch=0, batch_in_epoch=batch_in_epoch, accelerator=SimpleNamespace(process_index=0))
+    state.rng = lambda salt: TrainState.rng(state, salt)
+    return state
+
+
+def plugin(**options) -> SynonymAugment:
+    p = SynonymAugment(SynonymAugment.Settings(**options))
+    p.prepare(fake_state())
+    return p
+
+
+def test_table_synonyms_replace_words_in_both_readers_texts(models, data, tmp_path, table):
+    seen = Seen()
+    options = {"dictionary": table, "probability": 1.0, "word_probability": 1.0, "languages": ["en"]}
+    polydistill.train(same_config(models, data, tmp_path, plugins={"synonym": options}), plugins=[("seen", seen)])
+    expected = {en: " ".join(TABLE.get(w, [w])[0] if w != "tonight" else "this evening" for w in en.split()) for en in ENGLISH}
+    switched = 0
+    for texts, teacher_texts, augmented, _ in seen.rows:
+        assert teacher_texts == texts
+        for i, text in enumerate(texts):
+            if i in augmented.get("synonym", []):
+                assert text in expected.values()
+                switched += 1
+            else:
+                assert text in GERMAN  # only English rows are augmented, all of them (probability 1)
+    assert switched == 12
+
+
+def test_token_task_keeps_word_count_and_labels(models, tmp_path, table):
+    food = {"soup", "bread", "pasta", "cake"}
+    rows = [{"words": en.split(), "tags": ["B-FOOD" if w in food else "O" for w in en.split()], "lang": "en"} for en, _, _ in PAIRS]
+    path = write_jsonl(tmp_path / "tok.jsonl", rows)
+    seen = Seen()
+    cfg = {
+        "task": "token_classification",
+        "teachers": [{"model": str(models["tagger"])}],
+        "student": {"model": str(models["tagger"])},
+        "data": {"train": {"path": str(path), "columns": {"text": "words", "label": "tags", "lang": "lang"}}, "batch_size": 6,
+                 "shuffle": False, "length_grouping": False},
+        "training": {"epochs": 1, "progress": False, "log_every": 1},
+        "plugins": {"kd": {"ce": 1.0}, "synonym": {"dictionary": table, "probability": 1.0, "word_probability": 1.0}},
+        "output_dir": str(tmp_path / "run"),
+    }
+    result = polydistill.train(cfg, plugins=[("seen", seen)])
+    seen_words = [words for texts, _, _, _ in seen.rows for words in texts]
+    seen_labels = [tags for _, _, _, labels in seen.rows for tags in labels]
+    assert len(seen_words) == len(rows) == 12
+    for row, words, tags in zip(rows, seen_words, seen_labels):
+        # one-for-one: same count, each word kept or replaced by its single-word synonym; labels unchanged
+        assert words == [TABLE[w][0] if w in TABLE else w for w in row["words"]]
+        assert tags[: len(words)] == [["O", "B-FOOD", "I-FOOD"].index(t) for t in row["tags"]]
+    # "tonight" has only a two-word synonym, which would change the word count: it is kept
+    assert ["we", "cook", "noodles", "tonight"] in seen_words
+    assert sum(r["synonym/augmented"] for r in result.history if "loss" in r) == 12
+
+
+def test_training_by_entry_point_name_logs_counts(models, data, tmp_path, table):
+    options = {"dictionary": table, "probability": 1.0, "word_probability": 1.0, "side": "teacher"}
+    result = polydistill.train(parallel_config(models, data, tmp_path, plugins={"synonym": options}))
+    steps = [r for r in result.history if "loss" in r]
+    # every English sentence has a word in the table ("it rains all day": "day"): all 4 rows of each batch change
+    assert [r["synonym/augmented"] for r in steps] == [4.0, 4.0, 4.0]
+    words = sum(1 for en in ENGLISH for w in en.split() if w in TABLE or w == "tonight")
+    assert sum(r["synonym/words"] for r in steps) == words
+
+
+def test_same_seed_and_position_same_choices(table):
+    p = plugin(dictionary=table, probability=0.5, word_probability=0.5)
+    texts = [en for en, _, _ in PAIRS]
+
+    def run(seed, micro_batch):
+        state = fake_state(seed, step=micro_batch, batch_in_epoch=micro_batch)
+        g = p.rng(state)
+        rows = p.choose(_Rows(12), g)
+        return rows, p.augment_texts([texts[i] for i in rows], ["en"] * len(rows), "student", g, state)
+
+    assert run(0, 5) == run(0, 5)
+    assert run(0, 5) != run(0, 6)
+    assert run(0, 5) != run(1, 5)
+
+
+class _Rows:
+    def __init__(self, n):
+        self.langs = ["en"] * n
+
+    def __len__(self):
+        return len(self.langs)
+
+
+def test_global_random_state_is_untouched(table):
+    p = plugin(dictionary=table, probability=1.0)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+    state = fake_state()
+    p.augment_texts([en for en, _, _ in PAIRS], ["en"] * 12, "student", p.rng(state), state)
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2])
+
+
+@needs_wordnet
+def test_wordnet_synonyms_without_any_download(models, data, tmp_path, monkeypatch):
+    import nltk
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nltk.download must never be called")
+
+    monkeypatch.setattr(nltk, "download", refuse)
+    seen = Seen()
+    options = {"probability": 1.0, "word_probability": 1.0, "side": "teacher", "pos": ["n", "a"]}
+    polydistill.train(parallel_config(models, data, tmp_path, plugins={"synonym": options}), plugins=[("seen", seen)])
+    wn = load_wordnet("/usr/share/wordnet")
+    pairs = {de: en for en, de, _ in PAIRS}
+    changed = 0
+    for texts, teacher_texts, _, _ in seen.rows:
+        for de, new in zip(texts, teacher_texts):
+            old = pairs[de].split()
+            assert len(new.split()) >= len(old)
+            if new == pairs[de]:
+                continue
+            changed += 1
+            for word in old:
+                if word not in new.split():  # a replaced word: its replacement shares a noun/adjective synset with it
+                    names = {n.replace("_", " ") for p in "na" for s in wn.synsets(word, pos=p) for n in s.lemma_names()}
+                    assert any(n in new for n in names - {word}), (word, new)
+            assert "the" in new.split() or "the" not in old  # function words are left alone
+    assert changed >= 10
+
+
+@needs_wordnet
+def test_open_multilingual_wordnet_language_from_a_local_nltk_data_folder(tmp_path):
+    wn = load_wordnet("/usr/share/wordnet")
+    soup, hot = wn.synset("soup.n.01"), wn.synset("hot.a.01")
+    omw = tmp_path / "nltk_data" / "corpora" / "omw-1.4" / "fra"
+    omw.mkdir(parents=True)
+    (omw / "wn-data-fra.tab").write_text(
+        f"# a two-synset French wordnet\n{soup.offset():08d}-n\tfra:lemma\tsoupe\n{soup.offset():08d}-n\tfra:lemma\tpotage\n"
+        f"{hot.offset():08d}-a\tfra:lemma\tchaud\n{hot.offset():08d}-a\tfra:lemma\tbrûlant\n", encoding="utf-8")
+    p = plugin(nltk_data=str(tmp_path / "nltk_data"), wordnet_lang={"fr": "fra"}, word_probability=1.0, stopwords=[])
+    state = fake_state()
+    out = p.augment_texts(["La soupe est chaude.", "Le potage est chaud.", "the soup is hot"], ["fr", "fr", "en"], "student", p.rng(state), state)
+    assert out == ["La potage est chaude.", "Le soupe est brûlant.", "the soup is hot"]  # 'en' rows have no code: left alone
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.wordnet_lang: \['spa'\] not in the Open Multilingual Wordnet"):
+        plugin(nltk_data=str(tmp_path / "nltk_data"), wordnet_lang="spa")
+
+
+def test_missing_wordnet_is_a_config_error_with_install_instructions(tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(augment, "SYSTEM_WORDNET_DIRS", [])
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    monkeypatch.delenv("WNSEARCHDIR", raising=False)
+    monkeypatch.setattr(nltk, "download", lambda *a, **k: pytest.fail("nltk.download called"))
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.nltk_data: WordNet was not found.*apt-get install wordnet-base.*nltk\.downloader"):
+        plugin()
+    (tmp_path / "wn").mkdir()
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.wordnet_dir: .* holds no WordNet database"):
+        plugin(wordnet_dir=str(tmp_path / "wn"))
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.nltk_data: no such folder"):
+        plugin(nltk_data=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.dictionary: no such file"):
+        plugin(dictionary=str(tmp_path / "nope.tsv"))
+
+
+def test_side_teacher_in_same_mode_is_refused(models, data, tmp_path, table):
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.side: in mode 'same'"):
+        polydistill.train(same_config(models, data, tmp_path, plugins={"synonym": {"dictionary": table, "side": "teacher"}}))

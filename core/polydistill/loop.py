@@ -247,6 +247,10 @@ class Trainer:
         state, cache = self.state, self.caches[i]
         per_layer = state.need_hidden_states or state.need_attentions
         texts = batch.teacher_texts
+        # Entries are keyed by text: inputs a plugin built without token ids (generated
+        # embeddings) have no text that identifies them, so they bypass the cache.
+        if "input_ids" not in batch.teacher_inputs[i]:
+            cache = None
         if cache is not None and not per_layer:
             hit = cache.get_many(texts)
             if hit is not None:

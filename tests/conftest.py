@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from polydistill import hookimpl
 from polydistill.tiny import build_tiny_model, train_tokenizer
 
 # Tiny models run fastest on one thread; more only add scheduling overhead (and
@@ -107,3 +110,15 @@ def trained_teacher(models, data, tmp_path_factory) -> Path:
         "output_dir": str(root / "run"),
     }
     return polydistill.train(cfg).student_dir
+
+
+class StopAt:
+    """A plugin that sends this process SIGINT after a given step, like a user pressing Ctrl-C."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_step_end(self, state, logs):
+        if state.step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)

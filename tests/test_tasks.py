@@ -7,7 +7,7 @@ import torch
 
 import polydistill
 from polydistill import ConfigError
-from polydistill.models import load_model, load_tokenizer
+from polydistill.models import load_tokenizer
 
 from conftest import PAIRS, parallel_config, write_jsonl
 

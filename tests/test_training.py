@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from polydistill.config import load_config
 from polydistill.data import load_sources
 from polydistill.hookspecs import LIFECYCLE_HOOKS, STEP_HOOKS
 
-from conftest import LABELS, PAIRS, parallel_config
+from conftest import LABELS, PAIRS, StopAt, parallel_config
 
 
 def _agreement(student, teacher, student_tok, teacher_tok) -> float:
@@ -124,17 +122,6 @@ def test_parallel_mode_trains_student_on_target_column(models, data, tmp_path):
     pairs = {de: en for en, de, _ in PAIRS}
     assert all(pairs[s] == t for texts, teacher in rec.seen for s, t in zip(texts, teacher))
 
-
-class StopAt:
-    """Sends this process SIGINT after a given step, like a user pressing Ctrl-C."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, state, logs):
-        if state.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def _weights(run_dir):

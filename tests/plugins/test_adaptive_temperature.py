@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +19,7 @@ from polydistill_plugins.adaptive_temperature import (
 )
 from polydistill_plugins.kd import kl_divergence
 
-from conftest import parallel_config
+from conftest import StopAt, parallel_config
 
 NAME = "adaptive_temperature"
 TEMP = f"{NAME}/temperature"
@@ -243,15 +241,6 @@ def test_in_a_run_the_learned_temperature_climbs_the_kl(models, data, tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-
-class StopAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, state, logs):
-        if state.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.mark.parametrize(

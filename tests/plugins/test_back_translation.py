@@ -50,13 +50,6 @@ def options(translators, tmp_path, **extra):
             "max_new_tokens": MAX_NEW, "cache_dir": str(tmp_path / "bt-cache"), **extra}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one torch thread is many times faster than oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def parallel_config(models, data, tmp_path, **extra):

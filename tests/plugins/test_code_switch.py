@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +14,7 @@ from polydistill import models as M
 from polydistill.loop import TrainState
 from polydistill_plugins.augment import CodeSwitch, replace_words
 
-from conftest import PAIRS
+from conftest import PAIRS, StopAt
 from conftest import parallel_config as _parallel_config
 
 FR = {"the": "le", "soup": "soupe", "is": "est", "hot": "chaud", "bread": "pain", "eat": "mange", "team": "équipe",
@@ -60,13 +58,6 @@ class Seen:
         self.rows.append((list(batch.texts), list(batch.teacher_texts), dict(batch.meta.get("augmented", {})), logits))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one torch thread is many times faster than oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def parallel_config(models, data, tmp_path, **extra):
@@ -190,15 +181,6 @@ def test_same_seed_same_switches_other_seed_other_switches(models, data, tmp_pat
     assert texts(3, "a") == texts(3, "b")
     assert texts(3, "a") != texts(4, "c")
 
-
-class StopAt:
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, state, logs):
-        if state.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_resumed_run_switches_and_trains_exactly_like_an_uninterrupted_one(models, data, tmp_path, dictionaries):

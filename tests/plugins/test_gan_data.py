@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import polydistill
 from polydistill import hookimpl
 from polydistill_plugins.gan_data import GanData, Settings, discrepancy
 
-from conftest import PAIRS, parallel_config
+from conftest import PAIRS, StopAt, parallel_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "gan_data.yaml"
 
@@ -196,15 +194,6 @@ def test_example_config_is_valid():
     assert config.data.train == [] and config.training.max_steps
     Settings.model_validate(raw["plugins"]["gan_data"])
 
-
-class StopAt:
-    def __init__(self, step):
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, state, logs):
-        if state.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.mark.parametrize("options", [{}, {"hard": False, "scheduler": "linear"}], ids=["reinforce", "soft"])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -12,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import polydistill
-from polydistill import hookimpl, load_config, models as M
+from polydistill import load_config, models as M
 from polydistill_plugins.regularize import L2
 
-from conftest import LABELS, parallel_config
+from conftest import LABELS, StopAt, parallel_config
 
 TASK = "sequence_classification"
 
@@ -108,15 +106,6 @@ def test_l2_sp_is_zero_at_the_start_and_keeps_the_student_near_its_initial_weigh
     assert last["l2/sp_distance"] == pytest.approx((last["reg/l2_sp"] * 2) ** 0.5, rel=1e-5)
     assert d_held < 0.6 * d_free
 
-
-class StopAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, state, logs):
-        if state.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_resume_anchors_to_the_original_initial_weights(models, data, tmp_path):

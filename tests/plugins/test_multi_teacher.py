@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 import polydistill
 from polydistill import hookimpl, models as M
 
-from conftest import PAIRS, write_jsonl
+from conftest import PAIRS, StopAt, write_jsonl
 
 TASK = "sequence_classification"
 
@@ -234,15 +232,6 @@ def test_teachers_with_different_tokenizers_each_read_their_own_encoding(models,
 
 # --------------------------------------------------------------------------- gate and resume
 
-
-class StopAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def on_step_end(self, state, logs):
-        if state.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_gate_learns_from_labels_and_resume_is_exact(models, data, trained_teacher, tmp_path):

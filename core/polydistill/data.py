@@ -6,7 +6,7 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -441,11 +441,3 @@ def make_loader(dataset: Any, collator: Collator, batch_size: int, seed: int, sh
     if isinstance(dataset, datasets.IterableDataset):
         return StreamLoader(dataset, collator, batch_size, seed, shuffle, group, buffer, num_shards, shard)
     return Loader(dataset, collator, batch_size, seed, shuffle, group, num_shards, shard)
-
-
-def languages(dataset: Any) -> list[str]:
-    return sorted(set(dataset["lang"])) if hasattr(dataset, "__len__") else []
-
-
-def iter_rows(dataset: Any) -> Iterable[dict[str, Any]]:
-    return iter(dataset)

@@ -285,42 +285,60 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
-        node: Any = data
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'value'} is a list of {len(node)}; '{part}' is not an index in it")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
-            if last:
-                node[part] = value
-            else:
-                child = node[part] if isinstance(node, list) else node.get(part)
-                if not isinstance(child, (dict, list)):
-                    child = node[part] = {}
-                elif isinstance(child, dict) and parts[i + 1].isdigit():
-                    child = node[part] = [child]  # a single mapping given for a list field
-                node = child
+        set_path(data, key, value)
     return data
 
 
-def load_config(source: str | Path | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:
-    """Load and validate a config from a YAML/JSON file, a dict or a Config."""
+def set_path(data: dict[str, Any], key: str, value: Any, origin: str = "--set") -> None:
+    """Set the field at dotted path ``key`` (list items by index) in a nested dict, creating mappings on the way.
+
+    Unknown field names are left for validation, which names them with a suggestion.
+    """
+    node: Any = data
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin} {key}: {'.'.join(parts[:i]) or 'value'} is a list of {len(node)}; '{part}' is not an index in it")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{origin} {key}: {'.'.join(parts[:i])} is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            child = node[part] if isinstance(node, list) else node.get(part)
+            if not isinstance(child, (dict, list)):
+                child = node[part] = {}
+            elif isinstance(child, dict) and parts[i + 1].isdigit():
+                child = node[part] = [child]  # a single mapping given for a list field
+            node = child
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | Config,
+    overrides: list[str] | None = None,
+    base_dir: str | Path | None = None,
+    origin: str | None = None,
+) -> Config:
+    """Load and validate a config from a YAML/JSON file, a dict or a Config.
+
+    Relative paths resolve against the config file's folder, or ``base_dir`` for a
+    dict (default: the working directory). ``origin`` names the source in errors.
+    """
     if isinstance(source, Config):
         if not overrides:
             return source
+        base_dir = base_dir if base_dir is not None else source._base_dir
         source = source.to_dict()
-    base_dir = Path.cwd()
     if isinstance(source, dict):
         data = json.loads(json.dumps(source))  # deep copy; overrides must not touch the caller's dict
-        origin = "config"
+        base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+        origin = origin or "config"
     else:
         data = read_config_file(source)
         base_dir = Path(source).resolve().parent
-        origin = str(source)
+        origin = origin or str(source)
     apply_overrides(data, list(overrides or []))
     data.pop("$schema", None)
     try:

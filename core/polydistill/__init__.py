@@ -29,6 +29,9 @@ _LAZY = {
     "train": "polydistill.api",
     "evaluate": "polydistill.api",
     "RunResult": "polydistill.api",
+    "ablate": "polydistill.study",
+    "plan_study": "polydistill.study",
+    "write_report": "polydistill.report",
 }
 
 __all__ = [
@@ -44,12 +47,15 @@ __all__ = [
     "RunResult",
     "TrainState",
     "__version__",
+    "ablate",
     "evaluate",
     "evaluate_model",
     "forward",
     "hookimpl",
     "load_config",
+    "plan_study",
     "train",
+    "write_report",
 ]
 
 
@@ -67,3 +73,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from polydistill.evaluation import evaluate_model
     from polydistill.models import forward
     from polydistill.loop import TrainState
+    from polydistill.report import write_report
+    from polydistill.study import ablate, plan_study

@@ -46,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     _add_set(v)
 
+    p = sub.add_parser("ablate", help="run an ablation study: a base config, axes of plugin sets or options, seeds")
+    p.add_argument("study", help="study file (YAML or JSON)")
+    p.add_argument("--output-dir", help="study directory (default: the study's output_dir, else runs/<name>)")
+    p.add_argument("--jobs", type=int, help="runs at a time, each in its own process")
+    p.add_argument("--ray", action="store_true", help="run each run as a Ray task (pip install 'polydistill[ray]')")
+    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the runs without training")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    p = sub.add_parser("report", help="tables, significance tests and plots of an ablation study directory")
+    p.add_argument("study_dir", help="the study directory `polydistill ablate` wrote")
+    p.add_argument("--output-dir", help="where to write the report (default: STUDY_DIR/report)")
+    p.add_argument("--metric", help="metric to compare (default: the study's)")
+    p.add_argument("--test", choices=["t", "permutation"], default="t",
+                   help="paired significance test over seeds: Student t (default) or exact sign-flip permutation")
+
     p = sub.add_parser("demo", help="offline cross-lingual distillation demo (tiny models, under 5 minutes on CPU)")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run, weaker numbers)")
@@ -140,6 +156,38 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from polydistill.study import ablate, plan_study
+
+    executor = "ray" if args.ray else None
+    if args.dry_run:
+        plan = plan_study(args.study, args.output_dir, jobs=args.jobs, executor=executor)
+        print(f"{plan.name}: {len(plan.cells)} cells x {len(plan.study.seeds)} seeds = {len(plan.runs)} runs -> {plan.dir}")
+        print(f"metric: {plan.metric}; baseline: {plan.baseline}")
+        for cell in plan.cells:
+            changes = ", ".join(f"{k}={json.dumps(v)}" for k, v in cell.overrides.items()) or "(base config)"
+            print(f"  {cell.name}: {changes}")
+        return 0
+    result = ablate(args.study, args.output_dir, jobs=args.jobs, executor=executor, retry_failed=args.retry_failed)
+    if not args.no_report:
+        from polydistill.report import write_report
+
+        report = write_report(result.dir)
+        print(f"[study] report: {report.out_dir / 'report.md'} and {report.out_dir / 'report.html'}")
+    return 1 if result.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from polydistill.report import write_report
+
+    report = write_report(args.study_dir, args.output_dir, metric=args.metric, test=args.test)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print((report.out_dir / "report.md").read_text(encoding="utf-8"))
+    print(f"wrote {report.out_dir}/report.md, report.html, cells.csv, runs.csv and plots")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from polydistill.demo import run_demo
 
@@ -147,7 +195,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "config": cmd_config, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "config": cmd_config,
+    "ablate": cmd_ablate, "report": cmd_report, "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if args.command == "train":
             hint = " (a checkpoint was written; continue with the same command plus --resume)"
+        elif args.command == "ablate":
+            hint = " (finished runs are kept; run the same command again to resume the study)"
         print(f"polydistill: interrupted{hint}", file=sys.stderr)
         return 130
 

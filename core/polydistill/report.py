@@ -1,0 +1,676 @@
+"""Tables, plots and an HTML page for an ablation study directory.
+
+A study directory holds ``study.json`` (the plan) and ``runs/<cell>/seed-<seed>/result.json`` (one per
+finished run). `write_report` aggregates one metric per cell over seeds, compares each cell with the
+baseline cell by a paired test over the seeds both finished, and writes report.md, report.html,
+cells.csv, runs.csv, per_language.png, curves.png and deltas.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from polydistill.checkpoint import write_atomic
+from polydistill.errors import ConfigError
+
+NAN = float("nan")
+DASH = "–"
+PLOT_TITLES = {"per_language.png": "Per-language metric", "curves.png": "Training curves",
+               "deltas.png": "Δ vs baseline"}
+NOTE = ("Values are mean ± sample std over the seeds that finished ok; wall s is their mean wall time. Δ is the mean "
+        "paired difference of the average metric against the baseline over the seeds both cells finished; "
+        "* marks p < 0.05.")
+MAX_EXACT_FLIPS = 20  # 2^20 sign assignments; beyond that the permutation test samples them
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float, y: float) -> float:
+    """Regularized incomplete beta I_x(a, b); y = 1 - x is passed separately to keep its precision."""
+    if x <= 0.0:
+        return 0.0
+    if y <= 0.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
+    # The fraction converges quickly only below the mean; above it use I_x(a, b) = 1 - I_y(b, a).
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_cf(a, b, x) / a
+    return 1.0 - front * _beta_cf(b, a, y) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with df degrees of freedom."""
+    if math.isnan(t) or math.isnan(df):
+        return NAN
+    if math.isinf(t):
+        return 0.0
+    t2 = t * t
+    return min(1.0, _betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2)))
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    tail = t_two_sided_p(t, df) / 2.0
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_ppf(q: float, df: float) -> float:
+    """The q quantile of Student's t with df degrees of freedom (bisection on the CDF)."""
+    if not 0.0 < q < 1.0:
+        return -math.inf if q == 0.0 else math.inf if q == 1.0 else NAN
+    if q < 0.5:
+        return -t_ppf(1.0 - q, df)
+    if q == 0.5:
+        return 0.0
+    target = 2.0 * (1.0 - q)  # bisect on the two-sided tail: no cancellation near q = 1
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > target:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > target else (lo, mid)
+        if hi - lo <= 1e-13 * hi:
+            break
+    return (lo + hi) / 2.0
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired comparison: mean difference, two-sided p-value and 95% t confidence interval."""
+
+    n: int
+    mean: float
+    p_value: float
+    ci: tuple[float, float]
+    note: str = ""
+
+
+def sign_flip_test(diffs: Sequence[float]) -> float:
+    """Two-sided paired randomization p: share of sign assignments with |sum| >= the observed |sum|.
+
+    Exact over all 2^n assignments up to n = 20 (the observed one included); beyond that 2^20 random ones.
+    """
+    d = np.asarray(diffs, dtype=float)
+    if d.size == 0:
+        return NAN
+    # Sums equal in exact arithmetic can differ by rounding; count them as ties, not as smaller.
+    threshold = abs(d.sum()) - 1e-9 * max(1.0, float(np.abs(d).sum()))
+    if d.size > MAX_EXACT_FLIPS:
+        signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(1 << 20, d.size))
+        return float((np.count_nonzero(np.abs(signs @ d) >= threshold) + 1) / ((1 << 20) + 1))
+    total, bits, hits = 1 << d.size, np.arange(d.size), 0
+    for start in range(0, total, 1 << 16):
+        k = np.arange(start, min(total, start + (1 << 16)))
+        signs = 1 - 2 * ((k[:, None] >> bits) & 1)
+        hits += int(np.count_nonzero(np.abs(signs @ d) >= threshold))
+    return hits / total
+
+
+def paired_test(diffs: Sequence[float], test: Literal["t", "permutation"] = "t") -> PairedTest:
+    """Compare paired differences with 0: paired t-test or sign-flip test; the CI is always the t one."""
+    d = [float(x) for x in diffs]
+    n = len(d)
+    if n == 0:
+        return PairedTest(0, NAN, NAN, (NAN, NAN), "no paired seeds")
+    mean = math.fsum(d) / n
+    if n < 2:
+        return PairedTest(n, mean, NAN, (NAN, NAN), "needs ≥2 paired seeds")
+    note = "sampled sign flips" if test == "permutation" and n > MAX_EXACT_FLIPS else ""
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
+    scale = max(1.0, max(abs(x) for x in d))
+    if sd <= 1e-12 * scale:  # identical differences: t is 0/0 or ±inf
+        p = 1.0 if abs(mean) <= 1e-12 * scale else 0.0
+        return PairedTest(n, mean, p if test == "t" else sign_flip_test(d), (mean, mean), note)
+    se = sd / math.sqrt(n)
+    half = t_ppf(0.975, n - 1) * se
+    p = t_two_sided_p(mean / se, n - 1) if test == "t" else sign_flip_test(d)
+    return PairedTest(n, mean, p, (mean - half, mean + half), note)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class Study:
+    """A study plan (study.json) and the run records read from runs/*/seed-*/result.json."""
+
+    dir: Path
+    plan: dict[str, Any]
+    runs: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_study_dir(study_dir: str | Path) -> Study:
+    """Read the plan and every readable result.json; unreadable ones are skipped with a warning."""
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise ConfigError(f"study directory not found: {root}")
+    plan_path = root / "study.json"
+    if not plan_path.is_file():
+        raise ConfigError(f"{root}: not a study directory (no study.json)")
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{plan_path}: not valid JSON: {exc}") from None
+    cells = plan.get("cells") if isinstance(plan, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and "name" in c for c in cells):
+        raise ConfigError(f"{plan_path}: expected an object whose 'cells' is a list of objects with a name")
+    study = Study(root, plan, [])
+    for path in sorted(root.glob("runs/*/seed-*/result.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            study.warnings.append(f"skipped unreadable {path}: {exc}")
+            continue
+        if not isinstance(record, dict):
+            study.warnings.append(f"skipped {path}: not a JSON object")
+            continue
+        # The directory names the run when the record itself does not.
+        record.setdefault("slug", path.parent.parent.name)
+        record.setdefault("seed", path.parent.name.removeprefix("seed-"))
+        record["seed"] = _seed(record["seed"])
+        study.runs.append(record)
+    return study
+
+
+def _seed(value: Any) -> Any:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _seed_key(seed: Any) -> tuple[int, Any]:
+    return (0, seed) if isinstance(seed, int) else (1, str(seed))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _values(run: dict[str, Any], metric: str) -> dict[str, float]:
+    """The run's metric keyed by "average" and by language; absent ones left out."""
+    metrics = run.get("metrics") or {}
+    out: dict[str, float] = {}
+    if _number(v := (metrics.get("average") or {}).get(metric)):
+        out["average"] = float(v)
+    for lang, vals in (metrics.get("per_language") or {}).items():
+        if isinstance(vals, dict) and _number(v := vals.get(metric)):
+            out[lang] = float(v)
+    return out
+
+
+def _available_metrics(runs: list[dict[str, Any]]) -> set[str]:
+    names: set[str] = set()
+    for run in runs:
+        metrics = run.get("metrics") or {}
+        names.update(k for k, v in (metrics.get("average") or {}).items() if _number(v))
+        for vals in (metrics.get("per_language") or {}).values():
+            if isinstance(vals, dict):
+                names.update(k for k, v in vals.items() if _number(v))
+    return names
+
+
+def _error_text(run: dict[str, Any]) -> str:
+    error = run.get("error") or {}
+    lines = str(error.get("message") or "").strip().splitlines()
+    kind = error.get("type") or f"status {run.get('status')!r}"
+    return f"{kind}: {lines[0]}" if lines else str(kind)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+@dataclass
+class CellSummary:
+    """One cell's metric over its seeds, and its paired comparison with the baseline cell."""
+
+    name: str
+    slug: str
+    levels: dict[str, Any]
+    n_planned: int
+    n_missing: int
+    ok_seeds: list[Any]
+    failures: list[tuple[Any, str]]  # (seed, "ErrorType: first line of message")
+    mean: dict[str, float]  # keyed by "average" and by language
+    std: dict[str, float]  # sample std (ddof=1); NaN with one seed
+    wall_time_mean: float
+    seed_values: dict[Any, dict[str, float]] = field(default_factory=dict, repr=False)  # ok seeds' values
+    is_baseline: bool = False
+    comparison: PairedTest | None = None
+    lang_delta: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_ok(self) -> int:
+        return len(self.ok_seeds)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def delta(self) -> float:
+        return self.comparison.mean if self.comparison else NAN
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return self.comparison.ci if self.comparison else (NAN, NAN)
+
+    @property
+    def p_value(self) -> float:
+        return self.comparison.p_value if self.comparison else NAN
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return NAN, NAN
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else NAN)
+
+
+def _group_runs(study: Study, warnings: list[str]) -> dict[str, dict[Any, dict[str, Any]]]:
+    """Run records by planned cell name, then by seed, seeds in order."""
+    cells = study.plan.get("cells") or []
+    by_name = {c["name"]: c for c in cells}
+    by_slug = {c.get("slug"): c for c in cells}
+    grouped: dict[str, dict[Any, dict[str, Any]]] = {c["name"]: {} for c in cells}
+    for run in sorted(study.runs, key=lambda r: _seed_key(r["seed"])):
+        cell = by_name.get(run.get("cell")) or by_slug.get(run.get("slug"))
+        if cell is None:
+            warnings.append(f"run {run.get('cell') or run.get('slug')!r} seed {run['seed']} is not in the plan; "
+                            "left out of the tables")
+            continue
+        if run["seed"] in grouped[cell["name"]]:
+            warnings.append(f"two results for {cell['name']!r} seed {run['seed']}; using the last one")
+        grouped[cell["name"]][run["seed"]] = run
+    return grouped
+
+
+def _summarise(plan: dict[str, Any], grouped: dict[str, dict[Any, dict[str, Any]]], metric: str, test: str,
+               warnings: list[str]) -> list[CellSummary]:
+    seeds = [_seed(s) for s in plan.get("seeds") or []]
+    summaries = []
+    for cell in plan.get("cells") or []:
+        runs = grouped[cell["name"]]
+        ok = {s: _values(r, metric) for s, r in runs.items() if r.get("status") == "ok"}
+        keys = {k for v in ok.values() for k in v}
+        stats = {k: _mean_std([v[k] for v in ok.values() if k in v]) for k in keys}
+        walls = [float(runs[s]["wall_time_s"]) for s in ok if _number(runs[s].get("wall_time_s"))]
+        summaries.append(CellSummary(
+            name=cell["name"], slug=cell.get("slug", ""), levels=dict(cell.get("levels") or {}),
+            n_planned=len(seeds), n_missing=sum(s not in runs for s in seeds), ok_seeds=list(ok),
+            failures=[(s, _error_text(r)) for s, r in runs.items() if r.get("status") != "ok"],
+            mean={k: m for k, (m, _) in stats.items()}, std={k: sd for k, (_, sd) in stats.items()},
+            wall_time_mean=float(np.mean(walls)) if walls else NAN, seed_values=ok,
+        ))
+    _compare_with_baseline(summaries, plan.get("baseline"), test, warnings)
+    return summaries
+
+
+def _compare_with_baseline(cells: list[CellSummary], baseline: str | None, test: str, warnings: list[str]) -> None:
+    base = next((c for c in cells if baseline in (c.name, c.slug)), None)
+    if base is None:
+        warnings.append(f"baseline {baseline!r} is not a cell of the plan; no deltas" if baseline
+                        else "study.json names no baseline; no deltas")
+        return
+    base.is_baseline = True
+    base_values = base.seed_values
+    for cell in cells:
+        if cell is base:
+            continue
+        values = cell.seed_values
+        common = [s for s in values if s in base_values]
+        cell.comparison = paired_test([values[s]["average"] - base_values[s]["average"] for s in common
+                                       if "average" in values[s] and "average" in base_values[s]], test)
+        for lang in {k for s in common for k in values[s]} - {"average"}:
+            diffs = [values[s][lang] - base_values[s][lang] for s in common
+                     if lang in values[s] and lang in base_values[s]]
+            cell.lang_delta[lang] = float(np.mean(diffs)) if diffs else NAN
+
+
+def _languages(cells: list[CellSummary]) -> list[str]:
+    langs = {k for c in cells for k in c.mean} - {"average"}
+    return sorted(langs, key=lambda lang: (lang != "en", lang))
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _fmt(x: float, spec: str = ".3f") -> str:
+    return DASH if x is None or math.isnan(x) else format(x, spec)
+
+
+def _fmt_p(p: float) -> str:
+    return DASH if math.isnan(p) else f"{p:.3g}" + ("*" if p < 0.05 else "")
+
+
+def _table(cells: list[CellSummary], langs: list[str], test: str) -> tuple[list[str], list[list[str]]]:
+    """Header and text rows shared by report.md and report.html."""
+    header = ["cell", *langs, "average", "Δ vs baseline", "p", "seeds", "wall s"]
+    rows = []
+    for c in cells:
+        stats = [DASH if math.isnan(c.mean.get(k, NAN)) else f"{c.mean[k]:.3f} ± {_fmt(c.std[k])}"
+                 for k in [*langs, "average"]]
+        delta, p = ("baseline", DASH) if c.is_baseline else (_fmt(c.delta, "+.3f"), _fmt_p(c.p_value))
+        if test == "t" and not math.isnan(c.ci[0]):
+            delta += f" [{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]"
+        if c.comparison and c.comparison.note:
+            p += f" ({c.comparison.note})"
+        rows.append([c.name, *stats, delta, p, f"{c.n_ok}/{c.n_planned}", _fmt(c.wall_time_mean, ".0f")])
+    return header, rows
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def _cells_csv(cells: list[CellSummary], axes: list[str], langs: list[str]) -> str:
+    keys = ["average", *langs]
+    header = ["cell", *axes, "n_ok", "n_failed", "n_planned", *[f"{k}_{s}" for k in keys for s in ("mean", "std")],
+              "delta_mean", "delta_ci_low", "delta_ci_high", "p_value", *[f"{lang}_delta" for lang in langs],
+              "wall_time_mean"]
+    rows = [[c.name, *[c.levels.get(a, "") for a in axes], c.n_ok, c.n_failed, c.n_planned,
+             *[v for k in keys for v in (c.mean.get(k, NAN), c.std.get(k, NAN))],
+             c.delta, *c.ci, c.p_value, *[c.lang_delta.get(lang, NAN) for lang in langs], c.wall_time_mean]
+            for c in cells]
+    return _csv(header, rows)
+
+
+def _runs_csv(runs: list[dict[str, Any]], grouped: dict[str, dict[Any, dict[str, Any]]], metric: str,
+              langs: list[str]) -> str:
+    """One row per record: planned cells in plan order first, then any the plan does not know."""
+    named = [(name, r) for name, by_seed in grouped.items() for r in by_seed.values()]
+    placed = {id(r) for _, r in named}
+    named += [(r.get("cell") or r.get("slug"), r) for r in runs if id(r) not in placed]
+    rows = []
+    for name, r in named:
+        values = _values(r, metric)
+        rows.append([name, r["seed"], r.get("status"),
+                     *[values.get(k, NAN) for k in ["average", *langs]],
+                     float(r["wall_time_s"]) if _number(r.get("wall_time_s")) else NAN,
+                     "" if r.get("status") == "ok" else _error_text(r)])
+    return _csv(["cell", "seed", "status", "average", *langs, "wall_time_s", "error"], rows)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int) -> list[Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _plot_per_language(cells: list[CellSummary], langs: list[str], metric: str, title: str) -> bytes:
+    plt = _pyplot()
+    groups, colors = [*langs, "average"], _colors(len(cells))
+    width = 0.8 / len(cells)
+    fig, ax = plt.subplots(figsize=(max(8.0, 2.0 + 0.25 * len(cells) * len(groups)), 4.5), dpi=120)
+    for k, c in enumerate(cells):
+        xs = np.arange(len(groups)) + (k - (len(cells) - 1) / 2) * width
+        ax.bar(xs, [c.mean.get(g, NAN) for g in groups], width, yerr=[c.std.get(g, NAN) for g in groups],
+               capsize=3, color=colors[k], label=c.name)
+    base = next((c for c in cells if c.is_baseline), None)
+    if base is not None and not math.isnan(base.mean.get("average", NAN)):
+        ax.axhline(base.mean["average"], color="black", linestyle="--", linewidth=1,
+                   label=f"baseline average ({base.name})")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(cells) + 1), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def _curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Mean and std over seeds of `key` against step, at the steps every seed that logged it has."""
+    per_seed = []
+    for run in runs:
+        points = {int(row["step"]): float(row[key]) for row in run.get("history") or []
+                  if isinstance(row, dict) and _number(row.get(key)) and _number(row.get("step"))}
+        if points:
+            per_seed.append(points)
+    if not per_seed:
+        return None
+    steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+    if not steps:
+        return None
+    values = np.array([[p[s] for s in steps] for p in per_seed])
+    std = values.std(axis=0, ddof=1) if len(per_seed) > 1 else np.full(len(steps), NAN)
+    return np.array(steps), values.mean(axis=0), std
+
+
+def _curve_panels(cells: list[CellSummary], grouped: dict[str, dict[Any, dict[str, Any]]],
+                  metric: str) -> dict[str, list[tuple[str, Any, tuple]]]:
+    """Training loss, and the eval metric when some cell was evaluated at least twice."""
+    panels = {}
+    for key, label, min_points in (("loss", "loss", 1), (f"eval/{metric}", f"eval {metric}", 2)):
+        lines = []
+        for c, color in zip(cells, _colors(len(cells))):
+            runs = [r for r in grouped[c.name].values() if r.get("status") == "ok"]
+            if (curve := _curve(runs, key)) is not None:
+                lines.append((c.name, color, curve))
+        if any(len(curve[0]) >= min_points for _, _, curve in lines):
+            panels[label] = lines
+    return panels
+
+
+def _plot_curves(curves: dict[str, list[tuple[str, Any, tuple]]], title: str) -> bytes:
+    """One panel per entry of `curves`: panel title -> [(cell name, colour, (steps, mean, std))]."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.0 * len(curves), 4.0), dpi=120, squeeze=False)
+    for ax, (label, lines) in zip(axes[0], curves.items()):
+        for name, color, (steps, mean, std) in lines:
+            ax.plot(steps, mean, color=color, label=name, marker="o" if len(steps) < 3 else None)
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        low = np.concatenate([m - np.nan_to_num(s) for _, _, (_, m, s) in lines])
+        high = np.concatenate([m for _, _, (_, m, _) in lines])
+        if label == "loss" and low.min() > 0 and high.max() > 10 * low.min():
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+    fig.suptitle(title)
+    handles = {}  # a cell may appear in one panel only
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def _plot_deltas(cells: list[CellSummary], metric: str) -> bytes:
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    base = next(c for c in cells if c.is_baseline)
+    rows = [c for c in cells if not c.is_baseline]
+    fig, ax = plt.subplots(figsize=(8.0, max(2.5, 1.5 + 0.4 * len(rows))), dpi=120)
+    deltas = np.array([c.delta for c in rows])
+    err = np.array([[c.delta - c.ci[0] for c in rows], [c.ci[1] - c.delta for c in rows]])
+    significant = ["tab:orange" if c.p_value < 0.05 else "tab:blue" for c in rows]
+    ax.barh(np.arange(len(rows)), deltas, xerr=err, capsize=3, color=significant)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), [c.name for c in rows])
+    ax.invert_yaxis()  # plan order top to bottom
+    ax.set_xlabel(f"Δ average {metric} vs baseline ({base.name}), 95% t CI")
+    ax.legend(handles=[Patch(color="tab:orange", label="p < 0.05"), Patch(color="tab:blue", label="p ≥ 0.05")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.15 - 0.6 / len(rows)), ncol=2, fontsize=8, frameon=False)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- pages
+
+
+def _markdown(title: str, summary: str, header: list[str], rows: list[list[str]], failures: list[str],
+              warnings: list[str], plots: list[str], none_ok: bool) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"# {title}", "", summary, ""]
+    if none_ok:
+        lines += ["No run has finished ok yet.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(t) for t in row) + " |" for row in rows]
+    lines += ["", NOTE, ""]
+    for heading, items in (("Failures", failures), ("Warnings", warnings)):
+        if items:
+            lines += [f"## {heading}", "", *[f"- {item}" for item in items], ""]
+    if plots:
+        lines += ["## Plots", "", *[f"![{PLOT_TITLES[name]}]({name})\n" for name in plots]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.baseline{font-weight:bold}
+img{max-width:100%;display:block;margin:1em 0}.note{color:#555;font-size:.9em}"""
+
+
+def _html(title: str, summary: str, header: list[str], rows: list[list[str]], cells: list[CellSummary],
+          failures: list[str], warnings: list[str], images: dict[str, bytes], none_ok: bool) -> str:
+    e = html.escape
+    parts = [f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title>',
+             f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{e(summary.replace('**', ''))}</p>"]
+    if none_ok:
+        parts.append("<p><strong>No run has finished ok yet.</strong></p>")
+    parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
+    for c, row in zip(cells, rows):
+        tr = '<tr class="baseline">' if c.is_baseline else "<tr>"
+        parts.append(tr + "".join(f"<td>{e(t)}</td>" for t in row) + "</tr>")
+    parts.append(f'</tbody></table><p class="note">{e(NOTE)}</p>')
+    for heading, items in (("Failures", failures), ("Warnings", warnings)):
+        if items:
+            parts.append(f"<h2>{heading}</h2><ul>" + "".join(f"<li>{e(i)}</li>" for i in items) + "</ul>")
+    for name, data in images.items():
+        encoded = base64.b64encode(data).decode("ascii")
+        parts.append(f'<h2>{e(PLOT_TITLES[name])}</h2><img alt="{e(name)}" src="data:image/png;base64,{encoded}">')
+    return "\n".join(parts) + "\n</body></html>\n"
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    write_atomic(path, data)  # readers never see a half-written report
+    return path
+
+
+# ---------------------------------------------------------------- entry point
+
+
+@dataclass
+class Report:
+    """What `write_report` wrote and the numbers behind it."""
+
+    out_dir: Path
+    files: list[Path]
+    cells: list[CellSummary]
+    warnings: list[str]
+    metric: str
+
+
+def write_report(study_dir: str | Path, out_dir: str | Path | None = None, metric: str | None = None,
+                 test: Literal["t", "permutation"] = "t") -> Report:
+    """Summarise a (possibly unfinished) study directory as tables, plots and an HTML page in out_dir."""
+    if test not in ("t", "permutation"):
+        raise ConfigError(f"test must be 't' or 'permutation', not {test!r}")
+    study = read_study_dir(study_dir)
+    warnings = list(study.warnings)
+    plan = study.plan
+    metric = metric or plan.get("metric")
+    if not metric:
+        raise ConfigError(f"{study.dir / 'study.json'}: names no metric; pass one")
+    available = _available_metrics(study.runs)
+    if available and metric not in available:
+        raise ConfigError(f"metric {metric!r} is not in any run's metrics under {study.dir / 'runs'}; "
+                          f"available: {', '.join(sorted(available))}")
+
+    grouped = _group_runs(study, warnings)
+    cells = _summarise(plan, grouped, metric, test, warnings)
+    langs = _languages(cells)
+    name = plan.get("name") or study.dir.name
+    seeds = plan.get("seeds") or []
+    n_ok = sum(c.n_ok for c in cells)
+    n_failed = sum(c.n_failed for c in cells)
+    n_missing = sum(c.n_missing for c in cells)
+    test_text = ("paired t-test (two-sided), Δ with 95% CI" if test == "t"
+                 else "exact paired sign-flip test (two-sided)")
+    summary = (f"Metric: **{metric}** · seeds: {', '.join(map(str, seeds)) or DASH} · test: {test_text} · "
+               f"baseline: **{plan.get('baseline') or DASH}** · runs: {n_ok} ok, {n_failed} failed, "
+               f"{n_missing} missing of {len(cells) * len(seeds)} planned")
+
+    images: dict[str, bytes] = {}
+    if n_ok == 0:
+        warnings.append("no run has finished ok yet; plots skipped")
+    else:
+        images["per_language.png"] = _plot_per_language(cells, langs, metric, name)
+        if panels := _curve_panels(cells, grouped, metric):
+            images["curves.png"] = _plot_curves(panels, name)
+        else:
+            warnings.append("no training history in any ok run; curves.png skipped")
+        if any(not c.is_baseline and not math.isnan(c.delta) for c in cells):
+            images["deltas.png"] = _plot_deltas(cells, metric)
+        else:
+            warnings.append("no cell has a delta against the baseline yet; deltas.png skipped")
+
+    out = Path(out_dir) if out_dir is not None else study.dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = _table(cells, langs, test)
+    failures = [f"{c.name}, seed {seed}: {error}" for c in cells for seed, error in c.failures]
+    axes = [a["name"] for a in plan.get("axes") or []]
+    files = [_write(out / fname, data) for fname, data in images.items()]
+    files += [
+        _write(out / "cells.csv", _cells_csv(cells, axes, langs)),
+        _write(out / "runs.csv", _runs_csv(study.runs, grouped, metric, langs)),
+        _write(out / "report.md", _markdown(f"Study report: {name}", summary, header, rows, failures, warnings,
+                                            list(images), n_ok == 0)),
+        _write(out / "report.html", _html(f"Study report: {name}", summary, header, rows, cells, failures,
+                                          warnings, images, n_ok == 0)),
+    ]
+    return Report(out, files, cells, warnings, metric)

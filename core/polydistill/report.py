@@ -303,10 +303,11 @@ def _group_runs(study: Study, warnings: list[str]) -> dict[str, dict[Any, dict[s
     cells = study.plan.get("cells") or []
     by_name = {c["name"]: c for c in cells}
     by_slug = {c.get("slug"): c for c in cells}
+    seeds = {_seed(s) for s in study.plan.get("seeds") or []}
     grouped: dict[str, dict[Any, dict[str, Any]]] = {c["name"]: {} for c in cells}
     for run in sorted(study.runs, key=lambda r: _seed_key(r["seed"])):
         cell = by_name.get(run.get("cell")) or by_slug.get(run.get("slug"))
-        if cell is None:
+        if cell is None or (seeds and run["seed"] not in seeds):  # left over from an earlier version of the study
             warnings.append(f"run {run.get('cell') or run.get('slug')!r} seed {run['seed']} is not in the plan; "
                             "left out of the tables")
             continue

@@ -80,8 +80,9 @@ def configs(out: Path, files: dict[str, Path], labels: list[str], quick: bool) -
 
 ABLATION = """\
 # An ablation of the demo's distillation (distill.yaml): plain KD, then each plugin
-# that applies to this task added on its own, three seeds each.
-#   polydistill ablate ablation.yaml && polydistill report {output_dir}
+# that applies to this task added on its own, three seeds each. Run it with
+#   polydistill ablate {study}
+# (the report lands in {output_dir}/report; a rerun resumes an interrupted study).
 name: demo-ablation
 base: distill.yaml
 output_dir: {output_dir}
@@ -123,7 +124,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     teacher_cfg, distill_cfg = configs(out, files, labels, quick)
     for name, cfg in (("teacher.yaml", teacher_cfg), ("distill.yaml", distill_cfg)):
         (out / name).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    (out / "ablation.yaml").write_text(ABLATION.format(output_dir=out.resolve() / "ablation"), encoding="utf-8")
+    (out / "ablation.yaml").write_text(ABLATION.format(output_dir=out.resolve() / "ablation", study=out.resolve() / "ablation.yaml"), encoding="utf-8")
 
     print("[demo] 1/3 fine-tuning the teacher on English only")
     polydistill.train(teacher_cfg)

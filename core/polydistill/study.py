@@ -379,7 +379,6 @@ def _prune(run_dir: Path, keep: str) -> None:
 def _worker_main(spec_path: str) -> int:
     """Entry point of a run in its own process: ``python -m polydistill.study SPEC``."""
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    _die_with_parent()
     if spec.get("threads"):
         import torch
 
@@ -393,7 +392,10 @@ def _worker_main(spec_path: str) -> int:
 
 
 def _die_with_parent() -> None:
-    """On Linux, ask for SIGTERM (checkpoint and stop) when the study process dies, even by SIGKILL."""
+    """On Linux, ask for SIGTERM (checkpoint and stop) when the study process dies, even by SIGKILL.
+
+    Runs in the child between fork and exec; the setting survives exec.
+    """
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(Exception):
@@ -588,7 +590,8 @@ def _run_processes(plan: Plan, runs: list[Run]) -> Iterator[tuple[Run, dict[str,
                 cmd = [sys.executable, "-m", "polydistill.study", str(run.dir / SPEC_FILE)]
                 # Own session: a Ctrl-C in the terminal reaches only this process, which then stops
                 # each run with exactly one SIGTERM (a second signal would abort its checkpoint).
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
                 active[proc] = (run, logf)
             time.sleep(0.2)
             for proc in [p for p in active if p.poll() is not None]:

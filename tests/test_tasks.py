@@ -151,3 +151,23 @@ def test_kd_takes_temperature_and_weights_from_another_plugin(models, data, tmp_
     result = polydistill.train(parallel_config(models, data, tmp_path, training__max_steps=2), plugins=[("sharpen", sharpen)])
     assert len(sharpen.seen) == 2
     assert [r["kd/temperature"] for r in result.history if "loss" in r] == [0.5, 0.5]
+
+
+def test_normalized_mse_is_the_cosine_loss_rescaled(models, tmp_path):
+    """With unit vectors, mean((s - t)²) = (2 - 2·cos) / D: kd's normalised mse must be exactly that."""
+    rows = [{"en": en, "de": de, "lang": "de"} for en, de, _ in PAIRS]
+    train = write_jsonl(tmp_path / "emb.jsonl", rows)
+    cfg = {
+        "task": "embedding", "mode": "parallel",
+        "teachers": [{"model": str(models["embed"])}],
+        "student": {"model": str(models["other_tok"])},
+        "data": {"train": {"path": str(train), "columns": {"text": "de", "source": "en", "lang": "lang"}}, "batch_size": 4},
+        "training": {"max_steps": 3, "progress": False, "log_every": 1},
+        "plugins": {"kd": {"mse": 1.0, "cosine": 1.0, "normalize": True}},
+        "output_dir": str(tmp_path / "run"),
+    }
+    history = [r for r in polydistill.train(cfg).history if "loss/mse" in r]
+    width = 32  # hidden size of the tiny embedding teacher and student
+    assert len(history) == 3
+    for row in history:
+        assert row["loss/mse"] * width / 2 == pytest.approx(row["loss/cosine"], rel=1e-5)

@@ -39,6 +39,9 @@ class Settings(PluginSettings):
     ce: float | None = Field(None, ge=0, description="Weight of hard-label cross-entropy; default 1 without a teacher, else 0.")
     mse: float | None = Field(None, ge=0, description="Weight of embedding MSE; default 1 for the embedding task, else 0.")
     cosine: float = Field(0.0, ge=0, description="Weight of embedding cosine loss (1 - cos).")
+    normalize: bool = Field(
+        False, description="L2-normalise both pooled embeddings before `mse`, as sentence-transformers models that end in a Normalize module do."
+    )
     hidden: float = Field(0.0, ge=0, description="Weight of hidden-state MSE over mapped layers.")
     attention: float = Field(0.0, ge=0, description="Weight of attention-map MSE over mapped layers.")
     layer_map: dict[int, int] | None = Field(
@@ -173,6 +176,8 @@ class StandardKD:
             if "embedding" in self.projections:
                 s_emb = self.projections["embedding"](s_emb)
             t_emb = teacher_out.embeddings.to(s_emb.dtype)
+            if self.settings.normalize:
+                s_emb, t_emb = F.normalize(s_emb, dim=-1), F.normalize(t_emb, dim=-1)
             if w["mse"]:
                 terms["mse"] = w["mse"] * _reduce(((s_emb - t_emb) ** 2).mean(-1), None, weights)
             if w["cosine"]:

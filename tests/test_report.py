@@ -140,7 +140,8 @@ def test_paired_test_edge_cases():
     assert math.isnan(paired_test([0.3], "permutation").p_value)
     assert math.isnan(paired_test([]).mean)
     same = paired_test([0.05, 0.05, 0.05])
-    assert same.p_value == 0.0 and same.ci == pytest.approx((0.05, 0.05))
+    # Identical non-zero differences: no variance to test against, so no p (not a spurious 0).
+    assert math.isnan(same.p_value) and same.note == "zero variance" and same.ci == pytest.approx((0.05, 0.05))
     assert paired_test([0.0, 0.0]).p_value == 1.0
     d = [0.05, 0.07, 0.02, 0.04]
     res = paired_test(d)

@@ -276,3 +276,68 @@ def test_report_of_a_study_matches_its_runs(finished, tmp_path):
             assert float(rows[cell.name]["delta_mean"]) == pytest.approx(statistics.mean(a - b for a, b in zip(mine, base)))
     for name in ("report.md", "report.html", "runs.csv", "per_language.png", "curves.png", "deltas.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_a_refused_study_leaves_its_directory_as_it_was(models, data, trained_teacher, tmp_path):
+    path = write_study(tmp_path, models, data, trained_teacher, axes={}, seeds=[0, 1])
+    out = tmp_path / "out"
+    ablate(path, out, log=quiet)
+    interrupted = out / "runs" / "base" / "seed-1"
+    (interrupted / RESULT_FILE).unlink()  # as if it had been killed after a checkpoint
+    (interrupted / "checkpoints").mkdir(exist_ok=True)
+    before = (out / "study.json").read_text()
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["training"]["learning_rate"] = 0.5
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        ablate(path, out, log=quiet)
+    assert (out / "study.json").read_text() == before and (interrupted / "checkpoints").is_dir()
+
+
+def test_runtime_fields_do_not_invalidate_finished_runs(models, data, trained_teacher, tmp_path):
+    path = write_study(tmp_path, models, data, trained_teacher, axes={}, seeds=[0])
+    ablate(path, tmp_path / "out", log=quiet)
+    study = yaml.safe_load(path.read_text())
+    study["set"] = ["training.checkpoint_every=100", "training.log_every=5", "training.keep_checkpoints=1"]
+    path.write_text(yaml.safe_dump(study))
+    assert ablate(path, tmp_path / "out", log=quiet).skipped == 1
+
+
+def test_retrying_a_failed_run_starts_it_from_scratch(models, data, trained_teacher, tmp_path):
+    axes = {"data": {"levels": {"broken": {"data.train.0.path": str(tmp_path / "later.jsonl")}}}}
+    path = write_study(tmp_path, models, data, trained_teacher, axes=axes, seeds=[0])
+    run_dir = tmp_path / "out" / "runs" / "broken" / "seed-0"
+    assert ablate(path, tmp_path / "out", log=quiet).failed
+    (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # left by the failed attempt
+    (tmp_path / "later.jsonl").write_text((data["parallel"]).read_text())  # the user fixes the data
+    again = ablate(path, tmp_path / "out", retry_failed=True, log=quiet)
+    assert again.ran == 1 and not again.failed and read_result(run_dir)["resumed"] is False
+
+
+def test_cells_that_come_out_identical_are_refused(tmp_path, models, data, trained_teacher):
+    axes = {"p": {"leave_one_out": {"dropout": {"hidden": 0.3}}}, "h": {"field": "plugins.dropout.hidden", "values": [0.3]}}
+    with pytest.raises(ConfigError, match="cells 'p=all, h=0.3' and 'p=-dropout, h=0.3' have the same config"):
+        plan_study(write_study(tmp_path, models, data, trained_teacher, axes=axes))
+
+
+def test_a_study_needs_evaluation_data_and_a_valid_set(tmp_path, models, data, trained_teacher):
+    with pytest.raises(ConfigError, match="data.eval is empty"):
+        plan_study(write_study(tmp_path, models, data, trained_teacher, set=["data.eval=[]"]))
+    with pytest.raises(ConfigError, match=r"set: 'data.batch_size=\[16': value is not valid YAML"):
+        plan_study(write_study(tmp_path, models, data, trained_teacher, set=["data.batch_size=[16"]))
+
+
+def test_baseline_by_numeric_level(tmp_path, models, data, trained_teacher):
+    plan = plan_study(write_study(tmp_path, models, data, trained_teacher, baseline={"temperature": 4.0, "reg": "+dropout"}))
+    assert plan.baseline == "temperature=4.0, reg=+dropout"
+
+
+def test_gpu_slots_give_each_process_its_own_devices(monkeypatch):
+    from polydistill.study import StudyConfig, _gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert _gpu_slots(StudyConfig(base={}, jobs=3, gpus_per_run=1)) == ["0", "1", "2"]
+    assert _gpu_slots(StudyConfig(base={}, jobs=3, gpus_per_run=2)) == ["0,1", "2,3"]
+    assert _gpu_slots(StudyConfig(base={}, jobs=2)) == [None, None]
+    with pytest.raises(ConfigError, match="gpus_per_run: 8 GPUs per run, but this machine shows 4"):
+        _gpu_slots(StudyConfig(base={}, jobs=1, gpus_per_run=8))

@@ -268,3 +268,19 @@ def test_a_run_without_training_data_trains_on_plugin_batches(models, data, tmp_
     cfg["training"].pop("max_steps")
     with pytest.raises(polydistill.ConfigError, match="data.train is empty"):
         polydistill.train(cfg)
+
+
+def test_a_repeated_sigterm_does_not_abort_the_checkpoint_but_a_second_ctrl_c_does():
+    import os
+    import signal
+
+    from polydistill.loop import _StopFlag
+
+    with _StopFlag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # schedulers and a dying parent send it again
+        assert flag.requested
+    with pytest.raises(KeyboardInterrupt):
+        with _StopFlag():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)

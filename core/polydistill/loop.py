@@ -524,7 +524,7 @@ def _with_last(items: Iterable[Any]) -> Iterable[tuple[Any, bool]]:
 
 
 class _StopFlag:
-    """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    """First Ctrl-C (or SIGTERM) asks the loop to checkpoint and stop after the current step; a second Ctrl-C aborts."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -532,6 +532,8 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
+            if signum == signal.SIGTERM:  # schedulers and parents repeat SIGTERM; only a person's second Ctrl-C aborts
+                return
             raise KeyboardInterrupt
         self.requested = True
         print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)

@@ -149,9 +149,10 @@ def paired_test(diffs: Sequence[float], test: Literal["t", "permutation"] = "t")
     note = "sampled sign flips" if test == "permutation" and n > MAX_EXACT_FLIPS else ""
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
     scale = max(1.0, max(abs(x) for x in d))
-    if sd <= 1e-12 * scale:  # identical differences: t is 0/0 or ±inf
-        p = 1.0 if abs(mean) <= 1e-12 * scale else 0.0
-        return PairedTest(n, mean, p if test == "t" else sign_flip_test(d), (mean, mean), note)
+    if sd <= 1e-12 * scale:  # identical differences: t is 0/0 or ±inf, neither a usable p
+        if abs(mean) <= 1e-12 * scale:
+            return PairedTest(n, mean, 1.0 if test == "t" else sign_flip_test(d), (mean, mean), note)
+        return PairedTest(n, mean, NAN if test == "t" else sign_flip_test(d), (mean, mean), note or "zero variance")
     se = sd / math.sqrt(n)
     half = t_ppf(0.975, n - 1) * se
     p = t_two_sided_p(mean / se, n - 1) if test == "t" else sign_flip_test(d)
@@ -216,7 +217,7 @@ def _seed_key(seed: Any) -> tuple[int, Any]:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _values(run: dict[str, Any], metric: str) -> dict[str, float]:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,15 +31,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from polydistill import __version__
 from polydistill.checkpoint import dump_json, find as find_checkpoint
-from polydistill.config import format_validation_error, load_config, read_config_file, set_path
+from polydistill.config import apply_overrides, format_validation_error, load_config, read_config_file, set_path
 from polydistill.errors import ConfigError, PolydistillError
 
 STUDY_FILE = "study.json"
 RESULT_FILE = "result.json"
 SPEC_FILE = "run-spec.json"
 LOCK_FILE = ".lock"
-#: Fields that say where and how visibly a run executes, not what it computes.
-RUNTIME_FIELDS = ("output_dir", "training.progress")
+#: Fields that say where and how visibly a run executes, not what it computes: changing them
+#: (say, adding checkpoint_every after a preemption) keeps finished runs valid.
+RUNTIME_FIELDS = (
+    "output_dir", "training.progress", "training.checkpoint_every", "training.keep_checkpoints",
+    "training.log_every", "training.num_threads", "trackers", "project_name",
+)
 
 
 # --------------------------------------------------------------------------- the study file
@@ -99,7 +104,7 @@ class StudyConfig(_Strict):
     set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides applied to the base config, as with `--set`.")
     axes: dict[str, Axis] = Field(default_factory=dict, description="Named axes; cells are their product, in this order.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="training.seed of each repetition (an integer n means 0..n-1).")
-    baseline: str | dict[str, str] | None = Field(
+    baseline: str | dict[str, Any] | None = Field(
         None, description="The cell other cells are compared with: a cell name or {axis: level}; default: every axis's first level."
     )
     metric: str | None = Field(None, description="Metric the report compares; default: the task's primary metric.")
@@ -110,6 +115,10 @@ class StudyConfig(_Strict):
     )
     ray_address: str | None = Field(None, description="Ray cluster address for ray.init; default: start or join a local one.")
     threads_per_run: int | None = Field(None, ge=1, description="torch threads of each run in processes/ray; default: CPU cores / jobs.")
+    gpus_per_run: int = Field(
+        0, ge=0, description="GPUs of each run in processes/ray: each process sees its own (CUDA_VISIBLE_DEVICES); "
+        "Ray reserves them. 0: processes share the machine's devices, Ray tasks see none."
+    )
     keep: Literal["all", "student", "metrics"] = Field(
         "student", description="What a finished run keeps: all (with checkpoints), student (the saved model), metrics (results only)."
     )
@@ -224,11 +233,10 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
         base, base_dir, origin = read_config_file(base_path), base_path.parent, str(base_path)
     else:
         base, base_dir, origin = json.loads(json.dumps(study.base)), study_dir_base, "base"
-    for item in study.set:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"set: {item!r}: expected KEY=VALUE")
-        set_path(base, key, yaml.safe_load(raw) if raw.strip() else "", origin="set:")
+    try:
+        apply_overrides(base, study.set)
+    except ConfigError as exc:
+        raise ConfigError(f"set: {exc}".replace("--set ", "")) from None
     out = Path(output_dir or study.output_dir or Path("runs") / _slug(name)).resolve()
 
     axes = [(axis_name, axis.expand()) for axis_name, axis in study.axes.items()]
@@ -279,6 +287,16 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
             resolved = cfg.resolved_dict()
             task = cfg.task
             runs.append(Run(cell, seed, run_dir, resolved, fingerprint(resolved)))
+    first = {}
+    for run in runs[: len(cells)]:  # one seed: cells whose changes cancel out would repeat each other's numbers
+        if run.fingerprint in first:
+            raise ConfigError(
+                f"cells '{first[run.fingerprint]}' and '{run.cell.name}' have the same config: their axes set the same "
+                "fields to the same values (e.g. a field axis under a plugin another axis switches off); change an axis"
+            )
+        first[run.fingerprint] = run.cell.name
+    if not runs[0].config["data"]["eval"]:
+        raise ConfigError(f"{origin}: data.eval is empty; a study compares its cells on evaluation data")
     metric = study.metric or primary_metric(task)
     axes_json = [{"name": a, "levels": [lv for lv, _ in levels]} for a, levels in axes]
     return Plan(name, out, study, task, metric, baseline, axes_json, cells, runs)
@@ -296,7 +314,7 @@ def _baseline(study: StudyConfig, cells: list[Cell], axes: list[tuple[str, list[
     unknown = [a for a in study.baseline if a not in axis_names]
     if unknown:
         raise ConfigError(f"baseline: {unknown[0]!r} is not an axis; axes: {', '.join(axis_names)}")
-    wanted = {a: study.baseline.get(a, levels[0][0]) for a, levels in axes}
+    wanted = {a: _show(study.baseline[a]) if a in study.baseline else levels[0][0] for a, levels in axes}
     for cell in cells:
         if cell.levels == wanted:
             return cell.name
@@ -391,18 +409,28 @@ def _worker_main(spec_path: str) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """On Linux, ask for SIGTERM (checkpoint and stop) when the study process dies, even by SIGKILL.
+def _die_with_parent() -> Callable[[], None] | None:
+    """A Popen preexec_fn that, on Linux, asks for SIGTERM (checkpoint and stop) when the study process dies, even by SIGKILL.
 
-    Runs in the child between fork and exec; the setting survives exec.
+    prctl is looked up here, in the parent: between fork and exec only async-signal-safe work is safe.
+    The setting survives exec; a parent that died before it took effect makes the child exit at once.
     """
     if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
+        return None
+    try:
         import ctypes
-        import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 # --------------------------------------------------------------------------- the study
@@ -443,34 +471,39 @@ def ablate(
     """Run every run of a study that has no result yet; returns all records.
 
     Finished runs are skipped; a run interrupted earlier resumes from its latest
-    checkpoint; a failed run is rerun only with ``retry_failed``. A finished run
-    whose config no longer matches the study is an error (start a new directory).
+    checkpoint; a failed run is rerun from scratch only with ``retry_failed``. A
+    finished run whose config no longer matches the study is an error (start a new
+    directory), raised before anything in the directory changes.
     """
     plan = plan_study(source, output_dir, jobs=jobs, executor=executor)
     plan.dir.mkdir(parents=True, exist_ok=True)
     with _lock(plan.dir):
-        dump_json(plan.dir / STUDY_FILE, plan.to_json())
         result = StudyResult(plan.dir, plan)
-        pending = []
+        pending: list[Run] = []
+        stale: list[Path] = []  # run folders of another config or a failed attempt to retry: cleared, not resumed
+        # Check everything before touching anything: a refused study leaves its directory as it was.
         for run in plan.runs:
             record = read_result(run.dir)
             if record is not None and record.get("fingerprint") != run.fingerprint:
                 if record.get("status") == "ok":
                     raise ConfigError(_changed(run, record))
                 record = None  # a failed run of an older config: start it afresh
-                shutil.rmtree(run.dir, ignore_errors=True)
+                stale.append(run.dir)
             if record is not None and (record.get("status") == "ok" or not retry_failed):
                 result.records[(run.cell.name, run.seed)] = record
                 result.skipped += 1
                 continue
             spec = _read_spec(run.dir)
-            if spec is not None and spec.get("fingerprint") != run.fingerprint:
-                shutil.rmtree(run.dir, ignore_errors=True)  # its checkpoints belong to another config
+            if record is not None or (spec is not None and spec.get("fingerprint") != run.fingerprint):
+                stale.append(run.dir)
             pending.append(run)
+        dump_json(plan.dir / STUDY_FILE, plan.to_json())
+        for run_dir in dict.fromkeys(stale):
+            shutil.rmtree(run_dir, ignore_errors=True)
         total = len(plan.runs)
         log(f"[study] {plan.name}: {len(plan.cells)} cells x {len(plan.study.seeds)} seeds = {total} runs; "
             f"{result.skipped} already done, {len(pending)} to run -> {plan.dir}")
-        mode = _executor(plan.study)
+        mode = _executor(plan.study) if pending else "sequential"
         run_all = {"sequential": _run_sequential, "processes": _run_processes, "ray": _run_ray}[mode]
         done = result.skipped
         for run, record in run_all(plan, pending):
@@ -566,7 +599,8 @@ def _executor(study: StudyConfig) -> str:
 
 
 def _threads(study: StudyConfig) -> int:
-    return study.threads_per_run or max(1, (os.cpu_count() or 1) // study.jobs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # cgroups, SLURM
+    return study.threads_per_run or max(1, cores // study.jobs)
 
 
 def _run_sequential(plan: Plan, runs: list[Run]) -> Iterator[tuple[Run, dict[str, Any]]]:
@@ -578,24 +612,27 @@ def _run_processes(plan: Plan, runs: list[Run]) -> Iterator[tuple[Run, dict[str,
     """Each run in its own Python process, ``jobs`` at a time; a process that dies is a failed run."""
     threads = _threads(plan.study)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    slots = _gpu_slots(plan.study)
     queue = list(runs)
-    active: dict[subprocess.Popen, tuple[Run, Any]] = {}
+    active: dict[subprocess.Popen, tuple[Run, Any, int]] = {}
+    previous = _raise_on_sigterm()
     try:
         while queue or active:
-            while queue and len(active) < plan.study.jobs:
+            while queue and len(active) < len(slots):
                 run = queue.pop(0)
+                slot = next(i for i in range(len(slots)) if i not in {s for _, _, s in active.values()})
                 _spec(plan, run, threads)
-                (run.dir / RESULT_FILE).unlink(missing_ok=True)  # a retried run's old failure
                 logf = open(run.dir / "log.txt", "a", encoding="utf-8")
                 cmd = [sys.executable, "-m", "polydistill.study", str(run.dir / SPEC_FILE)]
+                run_env = env if slots[slot] is None else {**env, "CUDA_VISIBLE_DEVICES": slots[slot]}
                 # Own session: a Ctrl-C in the terminal reaches only this process, which then stops
                 # each run with exactly one SIGTERM (a second signal would abort its checkpoint).
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
-                active[proc] = (run, logf)
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=run_env, start_new_session=True,
+                                        preexec_fn=_die_with_parent())
+                active[proc] = (run, logf, slot)
             time.sleep(0.2)
             for proc in [p for p in active if p.poll() is not None]:
-                run, logf = active.pop(proc)
+                run, logf, _ = active.pop(proc)
                 logf.close()
                 record = read_result(run.dir)
                 if proc.returncode == 130 and record is None:
@@ -604,13 +641,44 @@ def _run_processes(plan: Plan, runs: list[Run]) -> Iterator[tuple[Run, dict[str,
                     record = _died(run, proc.returncode)
                 yield run, record
     finally:
-        for proc, (run, logf) in active.items():
+        for proc in active:
             if proc.poll() is None:
-                proc.terminate()  # each run writes a checkpoint on SIGTERM
-        for proc, (run, logf) in active.items():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=60)
+                proc.terminate()  # each run writes a checkpoint on SIGTERM, then exits
+        for proc, (_, logf, _) in active.items():
+            proc.wait()
             logf.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _gpu_slots(study: StudyConfig) -> list[str | None]:
+    """One entry per concurrent run: the CUDA_VISIBLE_DEVICES it gets (None: inherit)."""
+    if not study.gpus_per_run:
+        return [None] * study.jobs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        devices = [d for d in visible.split(",") if d.strip()]
+    else:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    g = study.gpus_per_run
+    slots = [",".join(devices[i * g:(i + 1) * g]) for i in range(min(study.jobs, len(devices) // g))]
+    if not slots:
+        raise ConfigError(f"gpus_per_run: {g} GPUs per run, but this machine shows {len(devices)}")
+    return slots
+
+
+def _raise_on_sigterm() -> Any:
+    """Make SIGTERM (kill, scancel) stop the study like Ctrl-C, so its runs get one SIGTERM and checkpoint."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _died(run: Run, returncode: int) -> dict[str, Any]:
@@ -635,7 +703,7 @@ def _run_ray(plan: Plan, runs: list[Run]) -> Iterator[tuple[Run, dict[str, Any]]
     threads = plan.study.threads_per_run or 1
     if not ray.is_initialized():
         ray.init(address=plan.study.ray_address, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_task)
+    remote = ray.remote(num_cpus=threads, num_gpus=plan.study.gpus_per_run, max_retries=0)(_ray_task)
     pending = {}
     queue = list(runs)
     limit = plan.study.jobs if plan.study.jobs > 1 else len(runs)

@@ -115,14 +115,18 @@ def main() -> None:
     ewt = read_conllu(args.data / "ud_ewt" / "en_ewt-ud-train.conllu.gz")
     ewt = random.Random(args.seed).sample(ewt, min(args.ewt, len(ewt)))
     ewt_file = write_jsonl(work / "ewt.jsonl", [{"text": w, "label": t, "lang": "en"} for w, t in ewt])
-    with timer(times, "teacher_finetune_s"):
-        teacher = polydistill.train({
-            "task": "token_classification", "labels": UPOS, "student": {"model": str(minilm)},
+
+    def finetune_on_ewt(model: Path, out: Path) -> Path:
+        return polydistill.train({
+            "task": "token_classification", "labels": UPOS, "student": {"model": str(model)},
             "data": {"train": {"path": str(ewt_file), "columns": {"label": "label", "lang": "lang"}}, "batch_size": 16},
             "training": {"epochs": args.teacher_epochs, "learning_rate": 1e-4, "warmup_ratio": 0.1, "seed": args.seed,
                          "num_threads": args.threads, "progress": False, "log_every": 50},
-            "output_dir": str(work / "teacher"),
+            "output_dir": str(out),
         }).student_dir
+
+    with timer(times, "teacher_finetune_s"):
+        teacher = finetune_on_ewt(minilm, work / "teacher")
 
     # The multilingual student: recipe 1's encoder under the teacher's head, fine-tuned on the English EWT tags
     # (zero-shot transfer through an encoder that already maps languages together).
@@ -136,13 +140,7 @@ def main() -> None:
     student_init.save_pretrained(init)
     M.load_tokenizer(str(args.encoder)).save_pretrained(init)
     with timer(times, "english_only_s"):
-        english_only = polydistill.train({
-            "task": "token_classification", "labels": UPOS, "student": {"model": str(init)},
-            "data": {"train": {"path": str(ewt_file), "columns": {"label": "label", "lang": "lang"}}, "batch_size": 16},
-            "training": {"epochs": args.teacher_epochs, "learning_rate": 1e-4, "warmup_ratio": 0.1, "seed": args.seed,
-                         "num_threads": args.threads, "progress": False, "log_every": 50},
-            "output_dir": str(work / "english-only"),
-        }).student_dir
+        english_only = finetune_on_ewt(init, work / "english-only")
 
     data = {lang: pud(args.data, lang) for lang in PUD}
     n = min(len(s) for s in data.values())

@@ -212,6 +212,7 @@ def test_parallel_processes_give_the_sequential_results(models, data, trained_te
     for (cell, seed), record in result.records.items():
         assert record["metrics"] == finished.records[(cell, seed)]["metrics"], cell
         assert (result.dir / "runs" / record["slug"] / "seed-0" / "log.txt").is_file()
+        assert record["config"]["training"]["num_threads"] == 1  # threads_per_run, not the config's own
 
 
 def test_a_run_process_that_dies_is_a_failed_run(models, data, trained_teacher, tmp_path, monkeypatch):

@@ -557,9 +557,14 @@ def _read_spec(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _spec(plan: Plan, run: Run, threads: int | None) -> dict[str, Any]:
+    config = run.config
+    if threads is not None:
+        # The study shares the machine between its runs: a config's own num_threads (meant for a run
+        # alone) would oversubscribe the cores, and spinning OpenMP threads then crawl.
+        config = {**config, "training": {**config["training"], "num_threads": threads}}
     spec = {
         "cell": run.cell.name, "slug": run.cell.slug, "levels": run.cell.levels, "seed": run.seed,
-        "fingerprint": run.fingerprint, "dir": str(run.dir), "config": run.config, "keep": plan.study.keep,
+        "fingerprint": run.fingerprint, "dir": str(run.dir), "config": config, "keep": plan.study.keep,
         "threads": threads,
     }
     run.dir.mkdir(parents=True, exist_ok=True)

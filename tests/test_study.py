@@ -283,8 +283,9 @@ def test_a_refused_study_leaves_its_directory_as_it_was(models, data, trained_te
     path = write_study(tmp_path, models, data, trained_teacher, axes={}, seeds=[0, 1])
     out = tmp_path / "out"
     ablate(path, out, log=quiet)
-    interrupted = out / "runs" / "base" / "seed-1"
-    (interrupted / RESULT_FILE).unlink()  # as if it had been killed after a checkpoint
+    # Seed 0 (checked first) as if killed after a checkpoint; the refusal comes from seed 1, checked later.
+    interrupted = out / "runs" / "base" / "seed-0"
+    (interrupted / RESULT_FILE).unlink()
     (interrupted / "checkpoints").mkdir(exist_ok=True)
     before = (out / "study.json").read_text()
     base = yaml.safe_load((tmp_path / "base.yaml").read_text())
@@ -309,7 +310,10 @@ def test_retrying_a_failed_run_starts_it_from_scratch(models, data, trained_teac
     path = write_study(tmp_path, models, data, trained_teacher, axes=axes, seeds=[0])
     run_dir = tmp_path / "out" / "runs" / "broken" / "seed-0"
     assert ablate(path, tmp_path / "out", log=quiet).failed
-    (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # left by the failed attempt
+    # A checkpoint left by the failed attempt, unloadable: resuming from it instead of starting afresh fails the run.
+    (run_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-1" / "polydistill_state.pt").write_text("not a checkpoint")
+    (run_dir / "checkpoints" / "latest").write_text("checkpoint-1")
     (tmp_path / "later.jsonl").write_text((data["parallel"]).read_text())  # the user fixes the data
     again = ablate(path, tmp_path / "out", retry_failed=True, log=quiet)
     assert again.ran == 1 and not again.failed and read_result(run_dir)["resumed"] is False

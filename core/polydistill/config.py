@@ -275,17 +275,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], origin: str = "--set") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place; errors start with ``origin``."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.learning_rate=3e-5")
+            raise ConfigError(f"{origin} {item!r}: expected KEY=VALUE, e.g. training.learning_rate=3e-5")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from None
-        set_path(data, key, value)
+            raise ConfigError(f"{origin} {item!r}: value is not valid YAML: {exc}") from None
+        set_path(data, key, value, origin)
     return data
 
 

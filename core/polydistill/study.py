@@ -233,10 +233,7 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
         base, base_dir, origin = read_config_file(base_path), base_path.parent, str(base_path)
     else:
         base, base_dir, origin = json.loads(json.dumps(study.base)), study_dir_base, "base"
-    try:
-        apply_overrides(base, study.set)
-    except ConfigError as exc:
-        raise ConfigError(f"set: {exc}".replace("--set ", "")) from None
+    apply_overrides(base, study.set, origin="set:")
     out = Path(output_dir or study.output_dir or Path("runs") / _slug(name)).resolve()
 
     axes = [(axis_name, axis.expand()) for axis_name, axis in study.axes.items()]
@@ -266,7 +263,6 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
 
     baseline = _baseline(study, cells, axes)
     runs: list[Run] = []
-    task = metric = ""
     validated: set[str] = set()
     for seed in study.seeds:  # seed-major: every cell gets a first seed before any gets a second
         for cell in cells:
@@ -285,7 +281,6 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
                         raise ConfigError(f"cell '{cell.name}': {exc}") from None
                 validated.add(cell.slug)
             resolved = cfg.resolved_dict()
-            task = cfg.task
             runs.append(Run(cell, seed, run_dir, resolved, fingerprint(resolved)))
     first = {}
     for run in runs[: len(cells)]:  # one seed: cells whose changes cancel out would repeat each other's numbers
@@ -297,9 +292,9 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
         first[run.fingerprint] = run.cell.name
     if not runs[0].config["data"]["eval"]:
         raise ConfigError(f"{origin}: data.eval is empty; a study compares its cells on evaluation data")
-    metric = study.metric or primary_metric(task)
+    task = runs[0].config["task"]
     axes_json = [{"name": a, "levels": [lv for lv, _ in levels]} for a, levels in axes]
-    return Plan(name, out, study, task, metric, baseline, axes_json, cells, runs)
+    return Plan(name, out, study, task, study.metric or primary_metric(task), baseline, axes_json, cells, runs)
 
 
 def _baseline(study: StudyConfig, cells: list[Cell], axes: list[tuple[str, list[tuple[str, dict[str, Any]]]]]) -> str:

@@ -284,3 +284,20 @@ def test_a_repeated_sigterm_does_not_abort_the_checkpoint_but_a_second_ctrl_c_do
         with _StopFlag():
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_fused_optimizer_is_the_default_and_trains_like_the_per_tensor_loop(models, data, tmp_path):
+    from polydistill.loop import Trainer
+
+    students = {}
+    for fused in (True, False):  # each built and trained in turn: construction seeds the RNG
+        trainer = Trainer(parallel_config(models, data, tmp_path, output_dir=str(tmp_path / str(fused)), training__fused_optimizer=fused))
+        assert bool(trainer.state.optimizer.optimizer.defaults.get("fused")) is fused
+        trainer.fit()
+        students[fused] = trainer.state.unwrapped_student().state_dict()
+    start = M.load_model(str(models["teacher"]), "sequence_classification").state_dict()
+    assert not torch.equal(students[True]["classifier.weight"], start["classifier.weight"])
+    for key, value in students[True].items():  # the same updates, up to float rounding
+        torch.testing.assert_close(value, students[False][key], rtol=0, atol=1e-6, msg=key)
+    default = Trainer(parallel_config(models, data, tmp_path, output_dir=str(tmp_path / "default")))
+    assert default.state.optimizer.optimizer.defaults["fused"] is True

@@ -65,8 +65,8 @@ class TeacherCache:
     def key(self, text: Any) -> str:
         return hashlib.sha1((self.prefix + json.dumps(text, ensure_ascii=False)).encode()).hexdigest()
 
-    def get_many(self, texts: Sequence[Any]) -> list[np.ndarray] | None:
-        """All arrays for ``texts``, or None if any is missing."""
+    def lookup(self, texts: Sequence[Any]) -> list[np.ndarray | None]:
+        """The array of each text, None where it is not cached."""
         keys = [self.key(t) for t in texts]
         found: dict[str, np.ndarray] = {}
         for start in range(0, len(keys), 500):
@@ -76,11 +76,16 @@ class TeacherCache:
             ).fetchall()
             for key, shape, data in rows:
                 found[key] = np.frombuffer(data, dtype=self.dtype).reshape(json.loads(shape))
-        if len(found) < len(set(keys)):
-            self.misses += len(texts)
-            return None
-        self.hits += len(texts)
-        return [found[k] for k in keys]
+        out = [found.get(k) for k in keys]
+        hits = sum(a is not None for a in out)
+        self.hits += hits
+        self.misses += len(out) - hits
+        return out
+
+    def get_many(self, texts: Sequence[Any]) -> list[np.ndarray] | None:
+        """All arrays for ``texts``, or None if any is missing."""
+        found = self.lookup(texts)
+        return None if any(a is None for a in found) else found  # type: ignore[return-value]
 
     def put_many(self, texts: Sequence[Any], arrays: Sequence[np.ndarray]) -> None:
         rows = []

@@ -301,3 +301,22 @@ def test_fused_optimizer_is_the_default_and_trains_like_the_per_tensor_loop(mode
         torch.testing.assert_close(value, students[False][key], rtol=0, atol=1e-6, msg=key)
     default = Trainer(parallel_config(models, data, tmp_path, output_dir=str(tmp_path / "default")))
     assert default.state.optimizer.optimizer.defaults["fused"] is True
+
+
+def test_models_keep_sdpa_attention_unless_a_plugin_needs_attention_maps(models, data, tmp_path):
+    from polydistill.loop import Trainer
+    from polydistill.tiny import build_tiny_model
+
+    from conftest import LABELS, TEXTS
+
+    sdpa = build_tiny_model(tmp_path / "sdpa", TEXTS, tokenizer=M.load_tokenizer(str(models["teacher"])),
+                            id2label=dict(enumerate(LABELS)), num_layers=4, seed=1, attn_implementation="sdpa")
+    teachers = [{"model": str(sdpa), "name": "teacher"}]
+    plain = Trainer(parallel_config(models, data, tmp_path, teachers=teachers, output_dir=str(tmp_path / "plain")))
+    assert {m.config._attn_implementation for m in [plain.state.unwrapped_student(), *plain.state.teachers]} == {"sdpa"}
+    maps = Trainer(parallel_config(models, data, tmp_path, teachers=teachers, output_dir=str(tmp_path / "maps"), mode="same",
+                                   data__train={"path": str(data["parallel"]), "columns": {"text": "en", "lang": "lang"}},
+                                   plugins={"kd": {"attention": 1.0}}))
+    assert {m.config._attn_implementation for m in [maps.state.unwrapped_student(), *maps.state.teachers]} == {"eager"}
+    logs = maps.step(next(iter(maps.loader.iterate(0))))
+    assert logs["loss/attention"] > 0

@@ -167,6 +167,10 @@ class Trainer:
         self.caches = self._caches()
         self._evaluated_at = self._checkpointed_at = -1
         self.host.call("setup", state=state)
+        if state.need_attentions:  # models load with SDPA where they can (faster), which returns no attention maps
+            for model in [state.unwrapped_student(), *state.teachers]:
+                if model.config._attn_implementation != "eager":
+                    model.set_attn_implementation("eager")
 
     # ------------------------------------------------------------------ building
 

@@ -51,7 +51,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars would bury the run's own output
-    kwargs: dict[str, Any] = {"attn_implementation": "eager", **_label_kwargs(task, labels)}
+    kwargs: dict[str, Any] = _label_kwargs(task, labels)
     if revision:
         kwargs["revision"] = revision
     try:
@@ -116,7 +116,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], task: str, label
     if task != "embedding" and labels:
         for key, value in _label_kwargs(task, labels).items():
             setattr(config, key, value)
-    student = _auto(task).from_config(config, attn_implementation="eager")
+    student = _auto(task).from_config(config)
     source = teacher.state_dict()
     target = student.state_dict()
     teacher_blocks = _layer_list(teacher)
@@ -147,7 +147,7 @@ def student_from_config(base: str, overrides: dict[str, Any], task: str, labels:
             raise ConfigError(f"student.config.{key}: not a field of {type(config).__name__}{hint}")
     for key, value in {**overrides, **_label_kwargs(task, labels)}.items():
         setattr(config, key, value)
-    return _auto(task).from_config(config, attn_implementation="eager")
+    return _auto(task).from_config(config)
 
 
 def hidden_size(model: nn.Module) -> int:

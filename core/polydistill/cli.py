@@ -112,6 +112,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         try:
             obj = load_plugin_object(name)
             row["hooks"] = sorted(h for h in _hooks_of(obj))
+            row["api"] = getattr(obj, "polydistill_api", None)
             row["doc"] = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
         except PolydistillError as exc:
             row["error"] = str(exc)
@@ -129,7 +130,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         else:
             if r["doc"]:
                 print(f"  {r['doc']}")
-            print(f"  hooks: {', '.join(r['hooks']) or 'none'}")
+            api = f" (plugin API {r['api']})" if r["api"] else ""
+            print(f"  hooks: {', '.join(r['hooks']) or 'none'}{api}")
     return 0
 
 

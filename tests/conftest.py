@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-# polydistill.testing is also loaded as a pytest plugin below; registering it before
-# the import keeps pytest from warning that the plugin was imported too early.
-pytest.register_assert_rewrite("polydistill.testing")
+# polydistill.testing is also a pytest plugin (pytest_plugins below). Without its pytest11
+# entry point installed, registering it before the import keeps pytest from warning that
+# the plugin was imported too early; with it, pytest has loaded it already.
+if "polydistill.testing" not in sys.modules:
+    pytest.register_assert_rewrite("polydistill.testing")
 
 from polydistill.testing import LABELS, PAIRS, TEXTS, StopAt, tiny_config, write_jsonl  # noqa: E402,F401  (imported by tests)
 

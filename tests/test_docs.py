@@ -99,3 +99,10 @@ def test_the_site_navigation_lists_every_page():
     assert listed <= on_disk, f"nav entries without a page: {sorted(listed - on_disk)}"
     # benchmarks.md gets its nav entry on the branch that writes it
     assert on_disk - listed <= {"benchmarks.md"}, f"pages missing from the nav: {sorted(on_disk - listed)}"
+
+
+def test_ci_runs_the_readme_test_command_exactly():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    command = readme[next(i for i, line in enumerate(readme) if line.startswith("# 2. ")) + 1]
+    assert "python -m pytest" in command
+    assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from polydistill import ConfigError
 from polydistill.plugins import installed_plugins
-from polydistill_rdrop import symmetric_kl
+# Skipped, with this reason, where the package is not installed (CI installs it first).
+symmetric_kl = pytest.importorskip("polydistill_rdrop", reason="pip install ./contrib/polydistill-rdrop").symmetric_kl
 
 
 def test_installed_through_the_entry_point():

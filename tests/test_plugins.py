@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def install_fake_distribution(site: Path, dist: str, module: str, source: str, entry_points: dict[str, str], groups=("polydistill.plugins",)) -> None:
     """Write a module and a *.dist-info with entry points into ``site``: what pip leaves behind."""
     (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{dist}-1.2.3.dist-info"
+    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"  # normalised, as pip names it: the stem up to '-' is the name
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
     lines = []
@@ -256,9 +256,11 @@ def test_core_never_imports_first_party_plugins():
             assert not any(n.split(".")[0] == "polydistill_plugins" for n in names), path
 
 
-def test_first_party_plugins_import_only_the_public_api():
+def test_first_party_and_contrib_plugins_import_only_the_public_api():
     public = set(polydistill.__all__)
-    for path in (ROOT / "plugins" / "polydistill_plugins").rglob("*.py"):
+    sources = [*(ROOT / "plugins" / "polydistill_plugins").rglob("*.py"), *(ROOT / "contrib").glob("*/src/**/*.py")]
+    assert len(sources) > len(list((ROOT / "plugins" / "polydistill_plugins").rglob("*.py")))
+    for path in sources:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("polydistill") and not (node.module or "").startswith("polydistill_plugins"):
                 assert node.module == "polydistill", f"{path.name} imports {node.module}"

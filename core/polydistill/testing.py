@@ -41,6 +41,7 @@ __all__ = [
     "PluginRun",
     "StopAt",
     "build_tiny_models",
+    "installed_plugins",
     "run_with_plugin",
     "tiny_config",
     "write_jsonl",
@@ -71,6 +72,18 @@ _FOOD = {"soup", "bread", "pasta", "cake", "suppe", "brot", "nudeln", "kuchen"}
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def installed_plugins() -> dict[str, Any]:
+    """The plugins polydistill finds through the entry-point group, by name, without importing them.
+
+    Each value has ``distribution``, ``version``, ``value`` (``module:object``) and
+    ``default``: what ``polydistill plugins`` lists. Use it to test that a package's
+    entry point is registered.
+    """
+    from polydistill.plugins import installed_plugins as found
+
+    return found()
 
 
 def build_tiny_models(root: Path) -> dict[str, Path]:

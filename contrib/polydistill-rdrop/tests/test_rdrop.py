@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from polydistill import ConfigError
-from polydistill.plugins import installed_plugins
+from polydistill.testing import installed_plugins
 # Skipped, with this reason, where the package is not installed (CI installs it first).
 symmetric_kl = pytest.importorskip("polydistill_rdrop", reason="pip install ./contrib/polydistill-rdrop").symmetric_kl
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polydistill import ConfigError
-from polydistill.plugins import installed_plugins
+from polydistill.testing import installed_plugins
 # Skipped, with this reason, where the package is not installed (CI installs it first).
 relational = pytest.importorskip("polydistill_relational", reason="pip install ./contrib/polydistill-relational")
 angle_loss, distance_loss = relational.angle_loss, relational.distance_loss

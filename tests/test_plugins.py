@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def install_fake_distribution(site: Path, dist: str, module: str, source: str, entry_points: dict[str, str], groups=("polydistill.plugins",)) -> None:
     """Write a module and a *.dist-info with entry points into ``site``: what pip leaves behind."""
     (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{dist}-1.2.3.dist-info"
+    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"  # normalised, as pip names it: the stem up to '-' is the name
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
     lines = []
@@ -256,9 +256,11 @@ def test_core_never_imports_first_party_plugins():
             assert not any(n.split(".")[0] == "polydistill_plugins" for n in names), path
 
 
-def test_first_party_plugins_import_only_the_public_api():
+def test_first_party_and_contrib_plugins_import_only_the_public_api():
     public = set(polydistill.__all__)
-    for path in (ROOT / "plugins" / "polydistill_plugins").rglob("*.py"):
+    sources = [*(ROOT / "plugins" / "polydistill_plugins").rglob("*.py"), *(ROOT / "contrib").glob("*/src/**/*.py")]
+    assert len(sources) > len(list((ROOT / "plugins" / "polydistill_plugins").rglob("*.py")))
+    for path in sources:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("polydistill") and not (node.module or "").startswith("polydistill_plugins"):
                 assert node.module == "polydistill", f"{path.name} imports {node.module}"
@@ -267,5 +269,59 @@ def test_first_party_plugins_import_only_the_public_api():
 
 def test_import_polydistill_is_cheap():
     code = "import sys, polydistill; print(sorted(m for m in ('nlpaug', 'torch', 'transformers', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.parametrize(("declared", "message"), [
+    ("1.99", r"plugin 'future' needs polydistill plugin API 1\.99, but this polydistill provides 1\.\d+; upgrade polydistill"),
+    ("0.9", r"plugin 'future' needs polydistill plugin API 0\.9, .*install a version of the plugin made for API 1\.x"),
+    ("one", r"plugin 'future' declares polydistill_api = 'one'; expected 'MAJOR\.MINOR'"),
+])
+def test_api_versions_compare_major_and_minor(site, declared, message):
+    src = SCALE_PLUGIN.replace('polydistill_api = "1.0"', f'polydistill_api = "{declared}"')
+    install_fake_distribution(site, "fakeplug-future", "fakeplug_future", src, {"future": "fakeplug_future:Zero"})
+    from polydistill.plugins import load_plugin_object
+
+    with pytest.raises(PluginError, match=message):
+        load_plugin_object("future")
+
+
+def test_plugin_objects_given_directly_are_checked_too(models, data, tmp_path):
+    class Future:
+        polydistill_api = "7.0"
+
+    with pytest.raises(PluginError, match="plugin 'future' needs polydistill plugin API 7.0"):
+        polydistill.train(parallel_config(models, data, tmp_path), plugins=[("future", Future)])
+
+
+def test_settings_that_are_not_a_pydantic_model_are_an_error(site):
+    src = SCALE_PLUGIN.replace("Settings = Settings", "Settings = dict")
+    install_fake_distribution(site, "fakeplug-odd", "fakeplug_odd", src, {"odd": "fakeplug_odd:Zero"})
+    from polydistill.plugins import load_plugin_object
+
+    with pytest.raises(PluginError, match="plugin 'odd': its Settings is not a pydantic model"):
+        load_plugin_object("odd")
+
+
+def test_a_name_registered_by_two_distributions_names_both(site):
+    install_fake_distribution(site, "fakeplug-one", "fakeplug_one", SCALE_PLUGIN, {"same": "fakeplug_one:Zero"})
+    install_fake_distribution(site, "fakeplug-two", "fakeplug_two", SCALE_PLUGIN, {"same": "fakeplug_two:Zero"})
+    from polydistill.plugins import load_plugin_object
+
+    with pytest.raises(PluginError, match=r"plugin name 'same' is registered twice: .*fakeplug-(one|two).* and .*fakeplug-(one|two)"):
+        load_plugin_object("same")
+
+
+def test_hook_recorder_of_polydistill_testing_implements_every_hook():
+    from polydistill.testing import HookRecorder
+
+    implemented = {name for name in vars(HookRecorder) if hasattr(getattr(HookRecorder, name), "polydistill_impl")}
+    assert implemented == set(hookspecs.STEP_HOOKS + hookspecs.LIFECYCLE_HOOKS)
+
+
+def test_importing_the_pytest_plugin_is_cheap():
+    # polydistill.testing loads in every pytest session of an environment with polydistill
+    code = "import sys, polydistill.testing; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

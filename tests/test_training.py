@@ -14,6 +14,8 @@ from polydistill.config import load_config
 from polydistill.data import load_sources
 from polydistill.hookspecs import LIFECYCLE_HOOKS, STEP_HOOKS
 
+from polydistill.testing import HookRecorder as Recorder
+
 from conftest import LABELS, PAIRS, StopAt, parallel_config
 
 
@@ -40,65 +42,6 @@ def test_distillation_raises_agreement_and_lowers_loss(models, data, trained_tea
     assert _agreement(after, teacher, tok, tok) >= 0.9
 
 
-class Recorder:
-    """Records every hook call, in order, with what the hook saw."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.seen: list[tuple[list, list]] = []
-
-    @hookimpl
-    def trainable_modules(self, state):
-        self.calls.append("trainable_modules")
-
-    @hookimpl
-    def setup(self, state):
-        self.calls.append("setup")
-
-    @hookimpl
-    def augment_batch(self, batch, state):
-        self.calls.append("augment_batch")
-        self.seen.append((list(batch.texts), list(batch.teacher_texts)))
-
-    @hookimpl
-    def select_teachers(self, batch, teachers, state):
-        self.calls.append("select_teachers")
-
-    @hookimpl
-    def teacher_outputs(self, batch, teachers, weights, state):
-        self.calls.append("teacher_outputs")
-
-    @hookimpl
-    def loss_terms(self, batch, student_out, teacher_out, state):
-        self.calls.append("loss_terms")
-
-    @hookimpl
-    def regularize(self, student, state):
-        self.calls.append("regularize")
-
-    @hookimpl
-    def on_step_end(self, state, logs):
-        self.calls.append("on_step_end")
-
-    @hookimpl
-    def on_evaluate(self, state, metrics):
-        self.calls.append("on_evaluate")
-
-    @hookimpl
-    def state_dict(self, state):
-        self.calls.append("state_dict")
-        return {"calls": len(self.calls)}
-
-    @hookimpl
-    def load_state_dict(self, state, plugin_state):
-        self.calls.append("load_state_dict")
-        self.restored = plugin_state
-
-    @hookimpl
-    def on_train_end(self, state, metrics):
-        self.calls.append("on_train_end")
-
-
 def test_hook_order_of_one_step_is_as_documented(models, data, tmp_path):
     rec = Recorder()
     polydistill.train(parallel_config(models, data, tmp_path, training__max_steps=1), plugins=[("recorder", rec)])
@@ -114,13 +57,14 @@ def test_parallel_mode_trains_student_on_target_column(models, data, tmp_path):
     polydistill.train(parallel_config(models, data, tmp_path), plugins=[("recorder", rec)])
     german = {de for _, de, _ in PAIRS}
     english = {en for en, _, _ in PAIRS}
-    student_texts = {t for texts, _ in rec.seen for t in texts}
-    teacher_texts = {t for _, texts in rec.seen for t in texts}
+    seen = [(call["batch"].texts, call["batch"].teacher_texts) for call in rec.seen("augment_batch")]
+    student_texts = {t for texts, _ in seen for t in texts}
+    teacher_texts = {t for _, texts in seen for t in texts}
     assert student_texts == german
     assert teacher_texts == english
     # and the rows stay aligned: each teacher text is the translation of the student text beside it
     pairs = {de: en for en, de, _ in PAIRS}
-    assert all(pairs[s] == t for texts, teacher in rec.seen for s, t in zip(texts, teacher))
+    assert all(pairs[s] == t for texts, teacher in seen for s, t in zip(texts, teacher))
 
 
 

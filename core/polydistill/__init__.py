@@ -11,8 +11,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-#: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState).
-API_VERSION = "1.0"
+#: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState): a plugin made for
+#: MAJOR.MINOR runs on any MAJOR.N with N >= MINOR. 1.1: ``TrainState.forward_student``.
+API_VERSION = "1.1"
 
 from polydistill.errors import ConfigError, DataError, PluginError, PolydistillError  # noqa: E402
 from polydistill.hookspecs import hookimpl  # noqa: E402

@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["student", "teachers", "all"], default="student")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    p = sub.add_parser("plugins", help="list installed plugins, their versions and hooks")
+    p = sub.add_parser("plugins", help="list installed plugins, their versions and hooks; `plugins new NAME` starts one")
     p.add_argument("--json", action="store_true")
+    psub = p.add_subparsers(dest="plugins_action", metavar="ACTION")
+    n = psub.add_parser("new", help="write a plugin package (pyproject, src/, settings, a hook, a test, README)")
+    n.add_argument("name", help="the plugin's name in configs, e.g. my_term")
+    n.add_argument("--dir", help="where to write it (default: ./polydistill-NAME)")
 
     p = sub.add_parser("config", help="print the config schema or validate a config")
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -105,6 +109,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from polydistill.plugins import installed_plugins, load_plugin_object
 
+    if args.plugins_action == "new":
+        return cmd_plugins_new(args)
+
     rows = []
     for name, info in sorted(installed_plugins().items()):
         row: dict[str, Any] = {"name": name, "version": info.version, "distribution": info.distribution,
@@ -112,6 +119,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         try:
             obj = load_plugin_object(name)
             row["hooks"] = sorted(h for h in _hooks_of(obj))
+            row["api"] = getattr(obj, "polydistill_api", None)
             row["doc"] = (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
         except PolydistillError as exc:
             row["error"] = str(exc)
@@ -129,7 +137,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         else:
             if r["doc"]:
                 print(f"  {r['doc']}")
-            print(f"  hooks: {', '.join(r['hooks']) or 'none'}")
+            api = f" (plugin API {r['api']})" if r["api"] else ""
+            print(f"  hooks: {', '.join(r['hooks']) or 'none'}{api}")
+    return 0
+
+
+def cmd_plugins_new(args: argparse.Namespace) -> int:
+    from polydistill.scaffold import names, new_plugin
+
+    target = new_plugin(args.name, args.dir)
+    name = names(args.name)["name"]
+    print(f"wrote the plugin '{name}' to {target}/")
+    for path in sorted(p for p in target.rglob("*") if p.is_file()):
+        print(f"  {path.relative_to(target)}")
+    print(f"next:\n  pip install -e '{target}[test]'\n  python -m pytest {target}/tests\n"
+          f"  then enable it in a config: plugins: {{{name}: {{weight: 0.01}}}}")
     return 0
 
 

@@ -34,18 +34,18 @@ def _as_list(value: Any) -> Any:
 class TeacherConfig(_Strict):
     """One teacher: a hub id or local path loaded with transformers' Auto classes."""
 
-    model: str = Field(description="Hub id or local directory of the teacher.")
-    name: str | None = Field(None, description="Name used in logs and by plugins; defaults to the model's folder name.")
-    tokenizer: str | None = Field(None, description="Tokenizer hub id or path; defaults to `model`.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    languages: list[str] | None = Field(None, description="Languages this teacher is strong in (used by teacher-selection plugins).")
+    model: str = Field(description="Hub id or local directory, loaded with transformers' Auto class for the task.")
+    name: str | None = Field(None, description="Name used in logs, by `student.from_teacher.teacher` and by plugins (`state.teacher_names`). Names must be unique; set `name` when two teachers' folders share a name.")
+    tokenizer: str | None = Field(None, description='Tokenizer hub id or path. Must be a fast tokenizer.')
+    revision: str | None = Field(None, description='Hub revision (branch, tag or commit) of the model.')
+    languages: list[str] | None = Field(None, description='Languages this teacher is strong in; not used by the core, read by teacher-selection plugins.')
 
 
 class FromTeacher(_Strict):
     """Build the student from a teacher by keeping some of its layers (DistilBERT-style)."""
 
-    teacher: str | int = Field(0, description="Teacher name or index in `teachers`.")
-    layers: list[int] = Field(description="Teacher layer indices to keep, in order, e.g. [0, 2, 4].")
+    teacher: str | int = Field(0, description='Teacher `name`, or index in `teachers`.')
+    layers: list[int] = Field(description='Teacher transformer blocks to keep, **0-based**, in order: student block `i` is a copy of teacher block `layers[i]`. Embeddings, pooler and head are copied. E.g. `[0, 2, 4]` from a 6-layer teacher.')
 
     @field_validator("layers")
     @classmethod
@@ -60,14 +60,13 @@ class FromTeacher(_Strict):
 class StudentConfig(_Strict):
     """The student: exactly one of `model`, `from_teacher` or `config`."""
 
-    model: str | None = Field(None, description="Hub id or local directory of a pretrained student.")
-    from_teacher: FromTeacher | None = Field(None, description="Initialise from a subset of a teacher's layers.")
+    model: str | None = Field(None, description='Hub id or local directory of a pretrained student, loaded for the task with `labels`; a checkpoint without a classification head gets a randomly initialised one.')
+    from_teacher: FromTeacher | None = Field(None, description="Initialise from a subset of a teacher's layers (DistilBERT-style).")
     config: dict[str, Any] | None = Field(
         None,
-        description="Build a randomly initialised model: `base` (hub id or path whose config is the "
-        "starting point) plus config fields to override, e.g. {base: bert-base-multilingual-cased, num_hidden_layers: 4}.",
+        description='A randomly initialised model: `base` (hub id or path whose config is the starting point) plus config fields to change, e.g. `{base: bert-base-multilingual-cased, num_hidden_layers: 4}`. A field the base config does not have is an error that suggests the closest field.',
     )
-    tokenizer: str | None = Field(None, description="Tokenizer hub id or path; defaults to the model's (or the base's/teacher's).")
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or path; defaults to `model`'s, the teacher's (`from_teacher`) or `config.base`'s. Must be a fast tokenizer.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentConfig:
@@ -82,29 +81,28 @@ class StudentConfig(_Strict):
 class Columns(_Strict):
     """Which dataset columns hold what."""
 
-    text: str = Field("text", description="Text the student reads (for token tasks: a list of words).")
-    source: str | None = Field(None, description="Text the teacher reads in parallel mode (source language).")
-    label: str | None = Field(None, description="Gold label (class name or id; for token tasks a list of tags).")
-    lang: str | None = Field(None, description="Language tag of each row; else the source's `lang`.")
+    text: str = Field("text", description='Column with the text the student reads. For token classification each value is a list of words. With `aligned`, one of the `aligned` keys.')
+    source: str | None = Field(None, description='Column the teachers read in `parallel` mode (source language); required on every training source in that mode. For embedding evaluation, the other side of each pair.')
+    label: str | None = Field(None, description='Gold label: a class name from `labels` or an integer id; for token tasks a list of tags (names or ids), one per word.')
+    lang: str | None = Field(None, description="Column holding each row's language tag; else the source's `lang`.")
 
 
 class DataSource(_Strict):
     """One dataset: a local file, aligned plain-text files, or a hub dataset id."""
 
-    path: str | None = Field(None, description="File (jsonl, json, csv, tsv, parquet) or hub dataset id.")
+    path: str | None = Field(None, description='A file (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`) or a Hugging Face hub dataset id.')
     aligned: dict[str, str] | None = Field(
         None,
-        description="Plain text files with one sentence a line, line-aligned, as {column: file}, "
-        "e.g. {en: tatoeba.deu-eng.eng, de: tatoeba.deu-eng.deu}.",
+        description='Line-aligned plain-text files, one sentence a line, each read into the named column, e.g. `{en: tatoeba.deu-eng.eng, de: tatoeba.deu-eng.deu}`. Files of different lengths are an error.',
     )
-    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "hub"] = Field("auto", description="File format; auto guesses from the extension.")
-    name: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = Field("train", description="Split to read from a hub dataset (use `filter` to pick rows of a local file).")
-    lang: str | None = Field(None, description="Language tag for every row (when there is no lang column).")
-    columns: Columns = Field(default_factory=Columns, description="Column mapping.")
-    filter: dict[str, Any] | None = Field(None, description="Keep only rows whose columns equal these values, e.g. {split: train}.")
-    limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
-    streaming: bool = Field(False, description="Stream rows instead of loading them (corpora larger than memory).")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "hub"] = Field("auto", description='File format. `auto` goes by the extension; a path with another extension is a hub id (an existing local file with an unknown extension is an error asking for `format`).')
+    name: str | None = Field(None, description='Hub dataset configuration name (e.g. a language of a multilingual dataset).')
+    split: str = Field("train", description='Split of a hub dataset. Local files are read whole.')
+    lang: str | None = Field(None, description='Language tag for every row, when there is no `columns.lang`.')
+    columns: Columns = Field(default_factory=Columns, description='Which columns hold what.')
+    filter: dict[str, Any] | None = Field(None, description='Keep only rows whose columns equal these values, e.g. `{split: train}`.')
+    limit: int | None = Field(None, ge=1, description='Read at most this many rows (after `filter`).')
+    streaming: bool = Field(False, description='Stream rows instead of loading them (corpora larger than memory). Needs `training.max_steps`; training sources only.')
 
     @model_validator(mode="after")
     def _one_input(self) -> DataSource:
@@ -118,17 +116,16 @@ class DataConfig(_Strict):
 
     train: list[DataSource] = Field(
         default_factory=list,
-        description="One source or a list of sources, concatenated. Empty only for runs whose batches a plugin "
-        "generates (data-free distillation); then training.max_steps is required.",
+        description='Training data; several sources are concatenated (all streamed or none). May be empty (`[]`) only for data-free runs whose batches a plugin generates (e.g. `gan_data`); `training.max_steps` is then required, and a step whose batch no plugin filled is an error.',
     )
-    eval: list[DataSource] = Field(default_factory=list, description="Evaluation sources; metrics are reported per language.")
-    max_length: int = Field(128, ge=2, description="Truncate each text to this many tokens.")
-    batch_size: int = Field(32, ge=1, description="Training batch size per device.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; defaults to 2 x batch_size.")
-    length_grouping: bool = Field(True, description="Group texts of similar length into batches (less padding).")
-    padding: Literal["longest", "max_length"] = Field("longest", description="Pad to the longest text in the batch, or always to max_length.")
-    shuffle: bool = Field(True, description="Shuffle training batches each epoch.")
-    stream_buffer: int = Field(10000, ge=1, description="Rows buffered for shuffling and length grouping when streaming.")
+    eval: list[DataSource] = Field(default_factory=list, description='Evaluation data; metrics are reported per language. Cannot be streamed.')
+    max_length: int = Field(128, ge=2, description='Truncate each text to this many tokens.')
+    batch_size: int = Field(32, ge=1, description='Training batch size per device (per micro-batch with gradient accumulation).')
+    eval_batch_size: int | None = Field(None, ge=1, description='Evaluation batch size.')
+    length_grouping: bool = Field(True, description='Group texts of similar length into batches (less padding): indices are shuffled, cut into mega-batches of 50 batches, sorted by length within each, and the batch order is shuffled.')
+    padding: Literal["longest", "max_length"] = Field("longest", description='Pad to the longest text in the batch, or always to `max_length`.')
+    shuffle: bool = Field(True, description='Shuffle training batches each epoch (seeded by `training.seed` and the epoch).')
+    stream_buffer: int = Field(10000, ge=1, description='Rows read at a time for shuffling and length grouping when streaming.')
 
     _as_list = field_validator("train", "eval", mode="before")(classmethod(lambda cls, v: _as_list(v)))
 
@@ -136,63 +133,63 @@ class DataConfig(_Strict):
 class TrainingConfig(_Strict):
     """Optimisation, schedule, precision, logging and checkpoints."""
 
-    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    learning_rate: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = Field(1, ge=1, description='Passes over the training data; ignored when `max_steps` is set.')
+    max_steps: int | None = Field(None, ge=1, description='Stop after this many optimizer steps. Required when training data is streamed.')
+    learning_rate: float = Field(5e-5, gt=0, description='Peak learning rate (student and plugin modules).')
+    weight_decay: float = Field(0.01, ge=0, description='Weight decay; not applied to biases and normalisation weights.')
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description='Optimizer; `sgd` uses momentum 0.9.')
+    betas: tuple[float, float] = Field((0.9, 0.999), description='Adam/AdamW betas.')
     fused_optimizer: bool | None = Field(
         None,
         description="Update all parameters in one fused kernel (torch's fused=True; several times faster than the "
         "per-tensor loop on CPU). Default: on wherever torch provides it for the optimizer and device.",
     )
-    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a fraction of all steps (used when warmup_steps is 0).")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_grad_norm: float | None = Field(1.0, description="Clip gradients to this norm; null disables.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 42
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default leaves torch's choice.")
-    log_every: int = Field(10, ge=1, description="Log averaged loss terms every N steps.")
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps; default: after each epoch.")
-    checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps; default: after each epoch.")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
-    progress: bool = Field(True, description="Show a progress bar.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description='Learning-rate schedule after warm-up (`linear` and `cosine` decay to 0 at the last step).')
+    warmup_steps: int = Field(0, ge=0, description='Linear warm-up steps.')
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description='Warm-up as a fraction of all steps; used when `warmup_steps` is 0.')
+    gradient_accumulation_steps: int = Field(1, ge=1, description='Micro-batches per optimizer step.')
+    max_grad_norm: float | None = Field(1.0, description='Clip the gradient norm (student and plugin modules); `null` disables.')
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description='Mixed precision through accelerate.')
+    seed: int = Field(42, description='Seed for initialisation, batch order and `state.rng()`.')
+    num_threads: int | None = Field(None, ge=1, description='torch CPU threads.')
+    log_every: int = Field(10, ge=1, description='Write loss terms, `lr` and plugin log entries to `metrics.jsonl` (and the trackers) every N steps and at the last step.')
+    eval_every: int | None = Field(None, ge=1, description='Evaluate on `data.eval` every N steps. The student is also evaluated at the end.')
+    checkpoint_every: int | None = Field(None, ge=1, description='Write a checkpoint every N steps. One is also written at the end and on interrupt.')
+    keep_checkpoints: int = Field(2, ge=1, description='Keep only the newest N checkpoints.')
+    progress: bool = Field(True, description='Show a progress bar.')
 
 
 class CacheConfig(_Strict):
     """Teacher-output cache: teacher logits/embeddings stored on disk by input text."""
 
-    enabled: bool = False
-    dir: str | None = Field(None, description="Cache directory; default ~/.cache/polydistill/teacher-outputs.")
-    dtype: Literal["float16", "float32"] = Field("float32", description="Storage precision of cached outputs.")
+    enabled: bool = Field(False, description='Use the cache.')
+    dir: str | None = Field(None, description='Directory of the SQLite file `teacher-outputs.sqlite`.')
+    dtype: Literal["float16", "float32"] = Field("float32", description='Storage precision.')
 
 
 class Config(_Strict):
     """A polydistill run."""
 
-    task: Task = Field(description="sequence_classification, token_classification or embedding.")
+    task: Task = Field(description='What the models do. Sequence classification: one label per text. Token classification: one tag per word (texts are lists of words). Embedding: pooled sentence embeddings (the model is loaded with `AutoModel`).')
     mode: Literal["same", "parallel"] = Field(
-        "same", description="same: teacher and student read the same text; parallel: the teacher reads columns.source."
+        "same", description='`same`: teacher and student read the same text. `parallel`: the teacher reads `columns.source`, the student `columns.text`.'
     )
-    labels: list[str] | None = Field(None, description="Label names (classification); default: the teacher's id2label.")
-    pooling: Literal["mean", "cls"] = Field("mean", description="Sentence embedding pooling (embedding task).")
-    teachers: list[TeacherConfig] = Field(default_factory=list, description="Teachers; none means plain fine-tuning.")
-    student: StudentConfig
-    data: DataConfig
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    labels: list[str] | None = Field(None, description="Label names for classification tasks; their order gives the class ids. Default: the first teacher's `id2label`; without a teacher, the student model's `id2label` when it names its labels (not transformers' `LABEL_0`, `LABEL_1`, ... defaults), else required. Its length must match every teacher's number of labels. When given with a teacher that names its labels, it must equal the teacher's list in the same order (labels are matched by position; a different order is an error). Not used for `embedding`.")
+    pooling: Literal["mean", "cls"] = Field("mean", description='How token states become a sentence embedding (embedding task): mean over non-padding tokens, or the first token.')
+    teachers: list[TeacherConfig] = Field(default_factory=list, description='Teachers; a single mapping is accepted as a list of one. None means plain fine-tuning.')
+    student: StudentConfig = Field(description="The model being trained.")
+    data: DataConfig = Field(description="Training and evaluation data, tokenization, batching.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description='Optimisation, schedule, precision, logging, checkpoints.')
     plugins: dict[str, Any] = Field(
         default_factory=dict,
-        description="Plugins to enable, in order, as {name: options}; `name: false` disables a default plugin.",
+        description='Plugins to enable, in order. See [plugins](#plugins).',
     )
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    output_dir: str = Field("runs/polydistill", description="Where checkpoints, logs and the student are written.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description='Teacher-output cache.')
+    output_dir: str = Field("runs/polydistill", description='The run directory; `polydistill train --output-dir` overrides it.')
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = Field(
-        default_factory=list, description="Experiment trackers, through accelerate."
+        default_factory=list, description="Experiment trackers, through accelerate (logging directory: `output_dir`). The tracker's package must be installed (`pip install polydistill[tracking]` adds tensorboard)."
     )
-    project_name: str = Field("polydistill", description="Tracker project name.")
+    project_name: str = Field("polydistill", description='Project name given to the trackers.')
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

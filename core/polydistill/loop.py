@@ -87,6 +87,18 @@ class TrainState:
     def unwrapped_student(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.student)
 
+    def forward_student(self, batch: Batch) -> ModelOutputs:
+        """Run the student on ``batch`` exactly as the loop's own student forward does.
+
+        Same task, word positions, pooling and per-layer outputs; with grad, and
+        in training mode during a step, so dropout makes each call differ (a
+        second pass for consistency terms such as R-Drop's). Since API 1.1.
+        """
+        return M.forward(
+            self.student, batch.student_inputs, self.config.task, batch.student_words,
+            self.config.pooling, self.need_hidden_states, self.need_attentions,
+        )
+
 
 class Trainer:
     """Builds a run from a config and trains it."""
@@ -339,10 +351,7 @@ class Trainer:
         if not batch.student_inputs:
             raise PluginError("data.train is empty and no plugin generated this batch in augment_batch (e.g. gan_data)", hook="augment_batch")
         teacher_out = self.teacher_forward(batch)
-        student_out = M.forward(
-            state.student, batch.student_inputs, self.config.task, batch.student_words,
-            self.config.pooling, state.need_hidden_states, state.need_attentions,
-        )
+        student_out = state.forward_student(batch)
         terms = host.merged("loss_terms", batch=batch, student_out=student_out, teacher_out=teacher_out, state=state)
         if not terms:
             raise PluginError("no plugin returned a loss term: enable 'kd' (the standard terms) or another loss plugin")

@@ -55,15 +55,30 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
     return found
 
 
-def _check_api(name: str, obj: Any) -> None:
+def _api_tuple(version: str) -> tuple[int, int] | None:
+    parts = str(version).strip().split(".")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+
+def check_api(name: str, obj: Any) -> None:
+    """Refuse a plugin whose ``polydistill_api`` this polydistill does not provide.
+
+    ``MAJOR.MINOR`` runs on the same major with at least that minor (minors only
+    add). A plugin without the attribute is not checked.
+    """
     wanted = getattr(obj, "polydistill_api", None)
     if wanted is None:
         return
-    have_major = API_VERSION.split(".")[0]
-    if str(wanted).split(".")[0] != have_major:
+    have = _api_tuple(API_VERSION)
+    need = _api_tuple(wanted)
+    if need is None:
+        raise PluginError(f"plugin '{name}' declares polydistill_api = {wanted!r}; expected 'MAJOR.MINOR', e.g. {API_VERSION!r}", plugin=name)
+    if need[0] != have[0] or need[1] > have[1]:
+        fix = "upgrade polydistill" if need > have else f"install a version of the plugin made for API {have[0]}.x"
         raise PluginError(
-            f"plugin '{name}' needs polydistill plugin API {wanted}, but this polydistill provides {API_VERSION}; "
-            f"install a version of the plugin made for API {have_major}.x",
+            f"plugin '{name}' needs polydistill plugin API {wanted}, but this polydistill provides {API_VERSION}; {fix}",
             plugin=name,
         )
 
@@ -76,12 +91,18 @@ def load_plugin_object(name: str, installed: dict[str, InstalledPlugin] | None =
         hint = f" Did you mean '{close[0]}'?" if close else ""
         listing = ", ".join(sorted(installed)) or "none"
         raise PluginError(f"unknown plugin '{name}'.{hint} Installed plugins: {listing}.", plugin=name)
-    (ep,) = [ep for ep in _entry_points(ENTRY_POINT_GROUP) if ep.name == name][:1]
+    eps = [ep for ep in _entry_points(ENTRY_POINT_GROUP) if ep.name == name]
+    if len({ep.value for ep in eps}) > 1:
+        owners = " and ".join(f"{ep.value} ({ep.dist.metadata['Name'] if ep.dist else '?'})" for ep in eps)
+        raise PluginError(f"plugin name '{name}' is registered twice: {owners}; uninstall one of them", plugin=name)
+    ep = eps[0]
     try:
         obj = ep.load()
     except Exception as exc:  # a broken plugin must say which one it is
         raise PluginError(f"plugin '{name}' ({ep.value}) failed to import: {type(exc).__name__}: {exc}", plugin=name) from exc
-    _check_api(name, obj)
+    check_api(name, obj)
+    if getattr(obj, "Settings", None) is not None and settings_model(obj) is None:
+        raise PluginError(f"plugin '{name}': its Settings is not a pydantic model (subclass polydistill.PluginSettings)", plugin=name)
     return obj
 
 
@@ -180,7 +201,11 @@ class PluginHost:
         loaded: list[tuple[str, Any]] = []
         settings: dict[str, BaseModel | None] = {}
         for name, options in wanted:
-            obj = given[name] if name in given else load_plugin_object(name, installed)
+            if name in given:
+                obj = given[name]
+                check_api(name, obj)
+            else:
+                obj = load_plugin_object(name, installed)
             settings[name] = validate_settings(name, obj, options)
             loaded.append((name, instantiate(name, obj, settings[name])))
         return cls(loaded, settings)

@@ -14,7 +14,14 @@ __version__ = "0.1.0"
 #: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState).
 API_VERSION = "1.0"
 
-from polydistill.errors import ConfigError, DataError, PluginError, PolydistillError  # noqa: E402
+from polydistill.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    DataError,
+    PluginError,
+    PolydistillError,
+    PolydistillWarning,
+)
 from polydistill.hookspecs import hookimpl  # noqa: E402
 
 _LAZY = {
@@ -37,6 +44,7 @@ _LAZY = {
 __all__ = [
     "API_VERSION",
     "Batch",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataError",
@@ -44,6 +52,7 @@ __all__ = [
     "PluginError",
     "PluginSettings",
     "PolydistillError",
+    "PolydistillWarning",
     "RunResult",
     "TrainState",
     "__version__",

@@ -308,8 +308,8 @@ def set_path(data: dict[str, Any], key: str, value: Any, origin: str = "--set") 
             node[part] = value
         else:
             child = node[part] if isinstance(node, list) else node.get(part)
-            if child not in (None, True) and not isinstance(child, (dict, list)):
-                # None (absent) and True (a plugin enabled with defaults) become mappings; a value does not
+            if not (child is None or isinstance(child, (bool, dict, list))):
+                # None (absent) and true/false (a plugin switched on with defaults, or off) become mappings; a value does not
                 raise ConfigError(f"{origin} {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
             if not isinstance(child, (dict, list)):
                 child = node[part] = {}

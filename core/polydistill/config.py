@@ -153,7 +153,15 @@ class TrainingConfig(_Strict):
     log_every: int = Field(10, ge=1, description="Log averaged loss terms every N steps.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps; default: after each epoch.")
     checkpoint_every: int | None = Field(None, ge=1, description="Write a checkpoint every N steps; default: after each epoch.")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Keep only the newest N checkpoints (2 or more lets a resume fall back past a corrupt one)."
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss term: stop (checkpoint the last good state and fail, naming the term and "
+        "its plugin) or skip the batch (no optimizer step) up to max_skipped_batches times.",
+    )
+    max_skipped_batches: int = Field(10, ge=0, description="With nonfinite: skip, stop once more batches than this were skipped.")
     progress: bool = Field(True, description="Show a progress bar.")
 
 

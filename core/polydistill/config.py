@@ -273,7 +273,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -343,7 +348,10 @@ def load_config(
         base_dir = base_dir if base_dir is not None else source._base_dir
         source = source.to_dict()
     if isinstance(source, dict):
-        data = json.loads(json.dumps(source))  # deep copy; overrides must not touch the caller's dict
+        try:  # deep copy; overrides must not touch the caller's dict
+            data = json.loads(json.dumps(source))
+        except (TypeError, ValueError) as exc:  # bytes, sets, dates, circular references
+            raise ConfigError(f"{origin or 'config'}: values must be plain data (strings, numbers, lists, mappings): {exc}") from None
         base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
         origin = origin or "config"
     else:

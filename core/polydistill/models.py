@@ -54,6 +54,8 @@ def load_model(
     kwargs: dict[str, Any] = {"attn_implementation": "eager", **_label_kwargs(task, labels)}
     if revision:
         kwargs["revision"] = revision
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"{role}: no such model directory: {name_or_path}")  # a path, never a hub id
     try:
         model, info = _auto(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:

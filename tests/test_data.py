@@ -206,7 +206,7 @@ def test_aligned_files_of_different_length_name_the_short_file(tmp_path):
     with pytest.raises(polydistill.DataError, match=r"short\.de") as err:
         _load({"aligned": {"en": str(tmp_path / "long.en"), "de": str(tmp_path / "short.de")},
                "columns": {"text": "de", "source": "en"}})
-    assert "long.en" not in str(err.value)
+    assert "short.de end(s) after line 2" in str(err.value) and str(err.value).index("short.de") < str(err.value).index("long.en")
 
 
 def test_missing_aligned_file_is_named(tmp_path):
@@ -385,3 +385,44 @@ def test_one_column_can_be_both_text_and_source(tmp_path):
                        "data": {"train": {"path": str(path), "columns": {"text": "s", "source": "s", "lang": "lang"}}}})
     ds = load_sources(cfg.data.train, cfg)
     assert ds["text"] == ds["source"] == ["hello world", "good day"]
+
+
+def test_a_streamed_corpus_is_held_at_most_one_buffer_at_a_time(tmp_path, tok):
+    """Memory of a streamed run is bounded by stream_buffer, not by the corpus: rows read minus rows
+    handed out never exceeds the buffer (tests/benchmarks/reliability_memory.py measures RSS on 1M lines)."""
+    import os
+
+    n, buffer = 20_000, 1000
+    with open(tmp_path / "c.en", "w") as en, open(tmp_path / "c.de", "w") as de:
+        for i in range(n):
+            a, b, _ = PAIRS[i % len(PAIRS)]
+            en.write(f"{a} {i}\n")
+            de.write(f"{b} {i}\n")
+    cfg = polydistill.load_config({
+        "task": "embedding", "mode": "parallel", "student": {"model": "x"}, "training": {"max_steps": 1},
+        "data": {"train": {"aligned": {"en": str(tmp_path / "c.en"), "de": str(tmp_path / "c.de")},
+                           "columns": {"text": "de", "source": "en"}, "streaming": True}},
+    })
+
+    class Counting:
+        def __init__(self, ds):
+            self.ds, self.read = ds, 0
+
+        def __iter__(self):
+            for row in self.ds:
+                self.read += 1
+                yield row
+
+    rows = Counting(load_sources(cfg.data.train, cfg))
+    loader = StreamLoader(rows, Collator("embedding", tok, [tok], 16, parallel=True), 64, 0, True, True, buffer)
+    page = os.sysconf("SC_PAGE_SIZE") / 2**20
+    rss = []
+    seen, held = set(), []
+    for batch in loader.iterate(0):
+        seen.update(batch.texts)
+        held.append(rows.read - len(seen))
+        with open("/proc/self/statm") as f:
+            rss.append(int(f.read().split()[1]) * page)
+    assert len(seen) == n  # every line went through
+    assert max(held) <= buffer
+    assert max(rss) - rss[len(rss) // 10] < 25  # MiB: no growth with the lines read

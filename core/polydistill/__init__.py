@@ -15,7 +15,14 @@ __version__ = "0.1.0"
 #: MAJOR.MINOR runs on any MAJOR.N with N >= MINOR. 1.1: ``TrainState.forward_student``.
 API_VERSION = "1.1"
 
-from polydistill.errors import ConfigError, DataError, PluginError, PolydistillError  # noqa: E402
+from polydistill.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    DataError,
+    PluginError,
+    PolydistillError,
+    PolydistillWarning,
+)
 from polydistill.hookspecs import hookimpl  # noqa: E402
 
 _LAZY = {
@@ -38,6 +45,7 @@ _LAZY = {
 __all__ = [
     "API_VERSION",
     "Batch",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataError",
@@ -45,6 +53,7 @@ __all__ = [
     "PluginError",
     "PluginSettings",
     "PolydistillError",
+    "PolydistillWarning",
     "RunResult",
     "TrainState",
     "__version__",

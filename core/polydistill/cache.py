@@ -3,18 +3,29 @@
 An entry's key hashes the teacher's fingerprint (its weights and config), the
 task, pooling, maximum length and the exact text the teacher reads, so changed
 or augmented text, or a changed teacher, never hits a stale entry.
+
+Writes are SQLite transactions (WAL), so a killed run leaves whole entries or
+none. Each entry carries a CRC-32 of its bytes: an entry that fails it is
+dropped with a warning and recomputed; a database file that is not one is
+moved aside and replaced; a cache that cannot be written (disk full) is
+switched off for the run with a warning. The cache never stops training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import time
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from polydistill.errors import warn
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -56,26 +67,81 @@ class TeacherCache:
         self.prefix = hashlib.sha1((teacher_fingerprint + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
         self.dtype = np.dtype(dtype)
         self.path = self.directory / "teacher-outputs.sqlite"
-        self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS outputs (key TEXT PRIMARY KEY, shape TEXT, data BLOB)")
+        self.db: sqlite3.Connection | None = None
         self.hits = 0
         self.misses = 0
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            warn(f"teacher cache {self.path} is unreadable ({exc}); moved aside to {aside.name}, starting an empty cache")
+            for suffix in ("", "-wal", "-shm"):
+                side = Path(f"{self.path}{suffix}")
+                if side.exists():
+                    os.replace(side, f"{aside}{suffix}")
+            self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS outputs (key TEXT PRIMARY KEY, shape TEXT, data BLOB, crc INTEGER)")
+            if "crc" not in [row[1] for row in db.execute("PRAGMA table_info(outputs)")]:
+                try:  # a cache written before entries had checksums
+                    db.execute("ALTER TABLE outputs ADD COLUMN crc INTEGER")
+                except sqlite3.OperationalError:  # another process added it first
+                    pass
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _disable(self, what: str, exc: Exception) -> None:
+        warn(f"teacher cache {self.path}: {what} failed ({exc}); the run goes on without the cache")
+        if self.db is not None:
+            self.db.close()
+        self.db = None
 
     def key(self, text: Any) -> str:
         return hashlib.sha1((self.prefix + json.dumps(text, ensure_ascii=False)).encode()).hexdigest()
 
+    def _decode(self, key: str, shape: str, data: bytes, crc: int | None) -> np.ndarray | None:
+        """The entry's array, or None (with a warning) when its bytes do not match its shape or checksum."""
+        try:
+            dims = json.loads(shape)
+            array = np.frombuffer(data, dtype=self.dtype).reshape(dims)
+            if crc is not None and zlib.crc32(data) != crc:
+                raise ValueError("checksum mismatch")
+        except (ValueError, TypeError) as exc:
+            warn(f"teacher cache {self.path}: corrupt entry {key[:12]} ({exc}); dropped, the teacher output is recomputed")
+            return None
+        return array
+
     def lookup(self, texts: Sequence[Any]) -> list[np.ndarray | None]:
-        """The array of each text, None where it is not cached."""
+        """The array of each text; None where it is not cached (or corrupt, or the cache is off)."""
+        if self.db is None:
+            return [None] * len(texts)
         keys = [self.key(t) for t in texts]
         found: dict[str, np.ndarray] = {}
-        for start in range(0, len(keys), 500):
-            part = keys[start : start + 500]
-            rows = self.db.execute(
-                f"SELECT key, shape, data FROM outputs WHERE key IN ({','.join('?' * len(part))})", part
-            ).fetchall()
-            for key, shape, data in rows:
-                found[key] = np.frombuffer(data, dtype=self.dtype).reshape(json.loads(shape))
+        corrupt: list[str] = []
+        try:
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                rows = self.db.execute(
+                    f"SELECT key, shape, data, crc FROM outputs WHERE key IN ({','.join('?' * len(part))})", part
+                ).fetchall()
+                for key, shape, data, crc in rows:
+                    array = self._decode(key, shape, data, crc)
+                    if array is None:
+                        corrupt.append(key)
+                    else:
+                        found[key] = array
+            if corrupt:
+                with self.db:
+                    self.db.executemany("DELETE FROM outputs WHERE key = ?", [(k,) for k in corrupt])
+        except sqlite3.DatabaseError as exc:
+            self._disable("reading", exc)
+            return [None] * len(texts)
         out = [found.get(k) for k in keys]
         hits = sum(a is not None for a in out)
         self.hits += hits
@@ -88,15 +154,23 @@ class TeacherCache:
         return None if any(a is None for a in found) else found  # type: ignore[return-value]
 
     def put_many(self, texts: Sequence[Any], arrays: Sequence[np.ndarray]) -> None:
+        if self.db is None:
+            return
         rows = []
         for text, arr in zip(texts, arrays):
             a = np.ascontiguousarray(arr, dtype=self.dtype)
-            rows.append((self.key(text), json.dumps(list(a.shape)), a.tobytes()))
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?)", rows)
+            data = a.tobytes()
+            rows.append((self.key(text), json.dumps(list(a.shape)), data, zlib.crc32(data)))
+        try:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO outputs (key, shape, data, crc) VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.DatabaseError as exc:  # "database or disk is full" is an OperationalError, a DatabaseError
+            self._disable("writing", exc)
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
+            self.db = None
 
 
 def stack_padded(arrays: list[np.ndarray], device: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -6,11 +6,15 @@ import argparse
 import json
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 from polydistill import __version__
-from polydistill.errors import PolydistillError
+from polydistill.errors import PolydistillError, PolydistillWarning
+
+DEBUG_ENV = "POLYDISTILL_DEBUG"
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -21,6 +25,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polydistill", description="Knowledge distillation for cross-lingual transfer.")
     parser.add_argument("--version", action="version", version=f"polydistill {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (also: {DEBUG_ENV}=1); without it, errors are one message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="distil (or fine-tune) a student as a config file says")
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline cross-lingual distillation demo (tiny models, under 5 minutes on CPU)")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run, weaker numbers)")
+    # --debug is accepted after the command too; SUPPRESS keeps a subcommand from resetting the global flag.
+    for choice in {id(c): c for c in sub.choices.values()}.values():
+        choice.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -223,11 +232,28 @@ COMMANDS = {
 }
 
 
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false", "no")
+
+
+def _format_warning(message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    if issubclass(category, PolydistillWarning):
+        return f"polydistill: warning: {message}\n"
+    return _plain_format(message, category, filename, lineno, line)
+
+
+_plain_format = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = _debug(args)
+    warnings.formatwarning = _format_warning
     try:
         return COMMANDS[args.command](args)
     except PolydistillError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"polydistill: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -238,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
             hint = " (finished runs are kept; run the same command again to resume the study)"
         print(f"polydistill: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: one line unless the traceback is asked for
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = "" if debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+        print(f"polydistill: internal error: {type(exc).__name__}{': ' + first if first else ''}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -155,7 +155,15 @@ class TrainingConfig(_Strict):
     log_every: int = Field(10, ge=1, description='Write loss terms, `lr` and plugin log entries to `metrics.jsonl` (and the trackers) every N steps and at the last step.')
     eval_every: int | None = Field(None, ge=1, description='Evaluate on `data.eval` every N steps. The student is also evaluated at the end.')
     checkpoint_every: int | None = Field(None, ge=1, description='Write a checkpoint every N steps. One is also written at the end and on interrupt.')
-    keep_checkpoints: int = Field(2, ge=1, description='Keep only the newest N checkpoints.')
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Keep only the newest N checkpoints (2 or more lets a resume fall back past a corrupt one)."
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss term: stop (checkpoint the last good state and fail, naming the term and "
+        "its plugin) or skip the batch (no optimizer step) up to max_skipped_batches times.",
+    )
+    max_skipped_batches: int = Field(10, ge=0, description="With nonfinite: skip, stop once more batches than this were skipped.")
     progress: bool = Field(True, description='Show a progress bar.')
 
 
@@ -267,7 +275,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -310,6 +323,9 @@ def set_path(data: dict[str, Any], key: str, value: Any, origin: str = "--set") 
             node[part] = value
         else:
             child = node[part] if isinstance(node, list) else node.get(part)
+            if not (child is None or isinstance(child, (bool, dict, list))):
+                # None (absent) and true/false (a plugin switched on with defaults, or off) become mappings; a value does not
+                raise ConfigError(f"{origin} {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
             if not isinstance(child, (dict, list)):
                 child = node[part] = {}
             elif isinstance(child, dict) and parts[i + 1].isdigit():
@@ -334,7 +350,10 @@ def load_config(
         base_dir = base_dir if base_dir is not None else source._base_dir
         source = source.to_dict()
     if isinstance(source, dict):
-        data = json.loads(json.dumps(source))  # deep copy; overrides must not touch the caller's dict
+        try:  # deep copy; overrides must not touch the caller's dict
+            data = json.loads(json.dumps(source))
+        except (TypeError, ValueError) as exc:  # bytes, sets, dates, circular references
+            raise ConfigError(f"{origin or 'config'}: values must be plain data (strings, numbers, lists, mappings): {exc}") from None
         base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
         origin = origin or "config"
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,17 +23,64 @@ def _describe(source: DataSource) -> str:
     return source.path if source.path is not None else ", ".join(f"{k}={v}" for k, v in (source.aligned or {}).items())
 
 
+def _decode_line(raw: bytes, path: str, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data: {path} line {n}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        "convert the file to UTF-8") from None
+
+
 def _aligned_rows(files: dict[str, str]) -> Iterator[dict[str, str]]:
-    handles = {col: open(path, encoding="utf-8") for col, path in files.items()}
+    # Read as bytes and decode line by line, so an undecodable byte is reported with its line.
+    handles = {col: open(path, "rb") for col, path in files.items()}
     try:
         for n, lines in enumerate(itertools.zip_longest(*handles.values()), start=1):
             if any(line is None for line in lines):
                 short = [col for col, line in zip(handles, lines) if line is None]
-                raise DataError(f"aligned files differ in length: {', '.join(files[c] for c in short)} end(s) before line {n}")
-            yield {col: line.rstrip("\n").rstrip("\r") for col, line in zip(handles, lines)}
+                longer = [col for col in handles if col not in short]
+                raise DataError(
+                    f"data: aligned files differ in length: {', '.join(files[c] for c in short)} end(s) after line {n - 1}, "
+                    f"{', '.join(files[c] for c in longer)} go(es) on; each line must be the translation of the same line"
+                )
+            yield {col: _decode_line(line, files[col], n).rstrip("\n").rstrip("\r") for col, line in zip(handles, lines)}
     finally:
         for h in handles.values():
             h.close()
+
+
+def _check_utf8(path: str) -> None:
+    """Raise a DataError naming the first line of ``path`` that is not UTF-8 (pyarrow reads such bytes without complaint)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        message = _explain_read_error(path, "text")
+        raise DataError(message or f"data: {path} is not UTF-8") from None
+
+
+def _explain_read_error(path: str, fmt: str) -> str | None:
+    """The first line of ``path`` that is not UTF-8 (or, for jsonl, not JSON), as a message; None if none is."""
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = _decode_line(raw, path, n)
+                except DataError as exc:
+                    return str(exc)
+                if (fmt == "jsonl" or path.endswith(".jsonl")) and line.strip():
+                    try:
+                        json.loads(line)
+                    except ValueError as exc:
+                        return f"data: {path} line {n}: not valid JSON ({exc})"
+    except OSError:
+        return None
+    return None
 
 
 def load_source(source: DataSource, config: Config) -> Any:
@@ -41,12 +89,18 @@ def load_source(source: DataSource, config: Config) -> Any:
 
     datasets.disable_progress_bars()
     where = _describe(source)
+    # datasets logs its own version of a read error; ours names the file and line
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         if source.aligned is not None:
             files = {col: config.resolve_path(p) for col, p in source.aligned.items()}
             for col, path in files.items():
                 if not Path(path).is_file():
                     raise DataError(f"data: aligned file for column '{col}' not found: {path}")
+                if Path(path).stat().st_size == 0:
+                    raise DataError(f"data: aligned file for column '{col}' is empty: {path}")
             if source.streaming:
                 ds = datasets.IterableDataset.from_generator(_aligned_rows, gen_kwargs={"files": files})
             else:
@@ -61,17 +115,48 @@ def load_source(source: DataSource, config: Config) -> Any:
                     raise DataError(f"data: cannot tell the format of {path}; set `format` (jsonl, csv, tsv, parquet)")
             if fmt != "hub" and not Path(path).exists():
                 raise DataError(f"data: file not found: {path}")
+            if fmt != "hub" and Path(path).is_file() and Path(path).stat().st_size == 0:
+                raise DataError(f"data: file is empty: {path}")
             if fmt == "hub":
                 ds = datasets.load_dataset(path, source.name, split=source.split, streaming=source.streaming)
             else:
+                if fmt != "parquet" and not source.streaming:
+                    _check_utf8(path)
                 builder = {"jsonl": "json", "tsv": "csv"}.get(fmt, fmt)
                 kwargs: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if fmt == "tsv" else {}
                 ds = datasets.load_dataset(builder, data_files={"train": path}, split="train", streaming=source.streaming, **kwargs)
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"data: cannot read {where}: {type(exc).__name__}: {exc}") from None
-    return normalise(ds, source, config, where)
+        local = config.resolve_path(source.path) if source.path is not None else None
+        explained = _explain_read_error(local, fmt) if local and Path(local).is_file() else None
+        if explained:
+            raise DataError(explained) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"data: cannot read {where}: {type(exc).__name__}: {first}") from None
+    finally:
+        quiet.setLevel(level)
+    ds = normalise(ds, source, config, where)
+    if not source.streaming and len(ds) == 0:
+        raise DataError(f"data {where}: no rows{' left after `filter`' if source.filter else ''}")
+    return ds
+
+
+def check_labels(ds: Any, labels: list[str], task: str, where: str, column: str) -> None:
+    """Every label of an in-memory dataset is a name in ``labels`` or an id below ``len(labels)``."""
+    known = set(labels)
+
+    def ok(v: Any) -> bool:
+        return v in known if isinstance(v, str) else isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < len(labels)
+
+    values = ds.unique("label") if task == "sequence_classification" else {t for row in ds["label"] for t in (row or [])}
+    if all(ok(v) for v in values):
+        return
+    for n, row in enumerate(ds["label"]):
+        bad = [v for v in ([row] if task == "sequence_classification" else (row or [])) if not ok(v)]
+        if bad:
+            raise DataError(f"data {where}: row {n + 1}: label {bad[0]!r} (column '{column}') is not one of the labels "
+                            f"{labels} (nor an id 0..{len(labels) - 1})")
 
 
 def normalise(ds: Any, source: DataSource, config: Config, where: str) -> Any:
@@ -126,11 +211,15 @@ def _plain_strings(ds: Any) -> Any:
     return ds if plain == features else ds.cast(plain)
 
 
-def load_sources(sources: list[DataSource], config: Config) -> Any:
-    """Load and concatenate sources (all streaming or none)."""
+def load_sources(sources: list[DataSource], config: Config, labels: list[str] | None = None) -> Any:
+    """Load and concatenate sources (all streaming or none); with ``labels``, check every in-memory label."""
     import datasets
 
     loaded = [load_source(s, config) for s in sources]
+    if labels and config.task != "embedding":
+        for s, ds in zip(sources, loaded):
+            if s.columns.label is not None and not s.streaming:
+                check_labels(ds, labels, config.task, _describe(s), s.columns.label)
     if len(loaded) == 1:
         return loaded[0]
     if len({s.streaming for s in sources}) > 1:
@@ -394,7 +483,10 @@ class StreamLoader:
         rows = iter(self.dataset)
         count = 0
         for part in itertools.count():
-            chunk = list(itertools.islice(rows, self.buffer))
+            try:
+                chunk = list(itertools.islice(rows, self.buffer))
+            except UnicodeDecodeError as exc:  # not checked up front: a stream is read once, as it trains
+                raise DataError(f"data.train: a streamed source is not UTF-8 after {count} batches ({exc})") from None
             if not chunk:
                 return
             texts = [r["text"] for r in chunk]

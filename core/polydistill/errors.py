@@ -1,4 +1,8 @@
-"""Exceptions with messages meant for users; the CLI prints them without a traceback."""
+"""Exceptions and warnings with messages meant for users; the CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+import warnings
 
 
 class PolydistillError(Exception):
@@ -20,3 +24,16 @@ class PluginError(PolydistillError):
 
 class DataError(PolydistillError):
     """A data file, column or value cannot be used."""
+
+
+class CheckpointError(PolydistillError):
+    """A checkpoint cannot be written (disk full, permissions) or read (torn, corrupt)."""
+
+
+class PolydistillWarning(UserWarning):
+    """Something was skipped or repaired and the run goes on (a corrupt checkpoint or cache entry)."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`PolydistillWarning` (the CLI prints it as ``polydistill: warning: ...``)."""
+    warnings.warn(message, PolydistillWarning, stacklevel=2)

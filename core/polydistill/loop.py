@@ -30,7 +30,7 @@ from polydistill.batch import Batch, ModelOutputs
 from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
 from polydistill.config import Config, load_config
 from polydistill.data import Collator, load_sources, make_loader
-from polydistill.errors import ConfigError, PluginError
+from polydistill.errors import CheckpointError, ConfigError, PluginError, warn
 from polydistill.evaluation import evaluate_model
 from polydistill.plugins import PluginHost
 
@@ -57,6 +57,8 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     total_steps: int = 0
+    #: Micro-batches left out because their loss was not finite (training.nonfinite: skip).
+    skipped_batches: int = 0
     #: Set by plugins (before the first step) that need per-layer outputs.
     need_hidden_states: bool = False
     need_attentions: bool = False
@@ -144,14 +146,14 @@ class Trainer:
 
         # Data
         dc = config.data
-        self.train_data = load_sources(dc.train, config) if dc.train else None
+        self.train_data = load_sources(dc.train, config, labels) if dc.train else None
         self.collator = Collator(config.task, student_tok, teacher_toks, dc.max_length, dc.padding, labels, config.mode == "parallel")
         acc = self.accelerator
         self.loader = make_loader(
             self.train_data, self.collator, dc.batch_size, tc.seed, dc.shuffle, dc.length_grouping,
             dc.stream_buffer, acc.num_processes, acc.process_index,
         )
-        self.eval_data = load_sources(dc.eval, config) if dc.eval else None
+        self.eval_data = load_sources(dc.eval, config, labels) if dc.eval else None
         if self.eval_data is not None and not hasattr(self.eval_data, "__len__"):
             raise ConfigError("data.eval: evaluation sources cannot be streamed")
 
@@ -178,6 +180,7 @@ class Trainer:
         state.scheduler = self._scheduler(state.optimizer)
         self.caches = self._caches()
         self._evaluated_at = self._checkpointed_at = -1
+        self._group_skipped = False  # a micro-batch of this accumulation group had a non-finite loss
         self.host.call("setup", state=state)
         if state.need_attentions:  # models load with SDPA where they can (faster), which returns no attention maps
             for model in [state.unwrapped_student(), *state.teachers]:
@@ -357,26 +360,52 @@ class Trainer:
             raise PluginError("no plugin returned a loss term: enable 'kd' (the standard terms) or another loss plugin")
         regs = host.merged("regularize", taken=terms, student=state.unwrapped_student(), state=state)
         loss = sum(terms.values()) + sum(regs.values())
-        if not torch.isfinite(loss):
-            raise PluginError(f"loss is {loss.item()} at step {state.step}: terms {{{', '.join(f'{k}: {v.item():.4g}' for k, v in {**terms, **regs}.items())}}}")
+        self._check_finite(loss, terms, regs)
         with contextlib.nullcontext() if sync else acc.no_sync(state.student):
             acc.backward(loss / group_size)
         if sync:
-            if acc.num_processes > 1:  # plugin modules are not inside DDP's forward
-                for p in self.plugin_modules.parameters():
-                    if p.grad is not None:
-                        p.grad = acc.reduce(p.grad, reduction="mean")
-            if self.config.training.max_grad_norm:
-                params = [p for g in state.optimizer.param_groups for p in g["params"]]
-                acc.clip_grad_norm_(params, self.config.training.max_grad_norm)
-            state.optimizer.step()
-            if not acc.optimizer_step_was_skipped:
-                state.scheduler.step()
-            state.optimizer.zero_grad(set_to_none=True)
+            self._update()
         logs = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
         logs.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         logs["loss"] = float(loss.detach())
         return logs
+
+    def _check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], regs: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`NonFiniteLoss` naming each non-finite term and its plugin; every process agrees."""
+        state, acc = self.state, self.accelerator
+        bad = not bool(torch.isfinite(loss).all())
+        if acc.num_processes > 1:  # all processes must skip (or stop) together, or DDP's backward hangs
+            bad = bool(acc.reduce(torch.tensor([float(bad)], device=state.device), reduction="sum").item())
+        if not bad:
+            return
+        where = f"step {state.step + 1} (epoch {state.epoch}, batch {state.batch_in_epoch})"
+        named = [(k, v) for k, v in {**terms, **regs}.items()]
+        culprits = [k for k, v in named if not bool(torch.isfinite(v).all())]
+        if not culprits and bool(torch.isfinite(loss).all()):
+            raise NonFiniteLoss(f"non-finite loss on another process at {where}", None)
+        parts = [f"'{k}' = {_scalar(v)} from plugin '{self.host.owner(k) or '?'}'" for k, v in named if k in culprits]
+        others = ", ".join(f"{k}: {_scalar(v)}" for k, v in named if k not in culprits)
+        msg = f"non-finite loss at {where}: {'; '.join(parts) or f'the sum is {_scalar(loss)}'}"
+        raise NonFiniteLoss(msg + (f" (other terms: {others})" if others else ""), self.host.owner(culprits[0]) if culprits else None)
+
+    def _update(self) -> None:
+        """The optimizer step closing an accumulation group, or none when the group had a skipped micro-batch."""
+        state, acc = self.state, self.accelerator
+        if self._group_skipped:
+            self._group_skipped = False
+            state.optimizer.zero_grad(set_to_none=True)
+            return
+        if acc.num_processes > 1:  # plugin modules are not inside DDP's forward
+            for p in self.plugin_modules.parameters():
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+        if self.config.training.max_grad_norm:
+            params = [p for g in state.optimizer.param_groups for p in g["params"]]
+            acc.clip_grad_norm_(params, self.config.training.max_grad_norm)
+        state.optimizer.step()
+        if not acc.optimizer_step_was_skipped:
+            state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ the run
 
@@ -401,7 +430,8 @@ class Trainer:
                 while state.step < state.total_steps and state.epoch < epochs:
                     self._run_epoch(stop)
                     if stop.requested:
-                        self.save_checkpoint()
+                        if self._checkpointed_at != state.step:
+                            self.save_checkpoint()
                         raise KeyboardInterrupt
         finally:
             self._bar.close()
@@ -425,12 +455,20 @@ class Trainer:
             group_start = state.batch_in_epoch - state.batch_in_epoch % accum
             group_size = min(accum, n - group_start) if n is not None else accum
             sync = last or (state.batch_in_epoch + 1) % accum == 0
-            micro.append(self.step(send_to_device(batch, state.device), group_size, sync))
+            try:
+                micro.append(self.step(send_to_device(batch, state.device), group_size, sync))
+            except NonFiniteLoss as exc:
+                self._skip_or_stop(exc, group_start)
+                if sync:
+                    self._update()
             state.batch_in_epoch += 1
             if not sync:
                 continue
             state.step += 1
-            logs = {k: float(np.mean([m[k] for m in micro if k in m])) for k in micro[0]}
+            keys = dict.fromkeys(k for m in micro for k in m)
+            logs = {k: float(np.mean([m[k] for m in micro if k in m])) for k in keys}
+            if state.skipped_batches:
+                logs["skipped_batches"] = state.skipped_batches
             micro.clear()
             logs["lr"] = state.scheduler.get_last_lr()[0]
             self.host.call("on_step_end", state=state, logs=logs)
@@ -447,6 +485,27 @@ class Trainer:
             self._metrics = self.evaluate()
         if not tc.checkpoint_every:
             self.save_checkpoint()
+
+    def _skip_or_stop(self, exc: NonFiniteLoss, group_start: int) -> None:
+        """training.nonfinite: skip this micro-batch (its group makes no optimizer step), or checkpoint and stop."""
+        state, tc = self.state, self.config.training
+        if tc.nonfinite == "skip" and state.skipped_batches < tc.max_skipped_batches:
+            state.skipped_batches += 1
+            self._group_skipped = True
+            warn(f"{exc}; batch skipped, no optimizer step ({state.skipped_batches} of at most {tc.max_skipped_batches})")
+            return
+        # The last good state is the one before this accumulation group.
+        state.batch_in_epoch = group_start
+        self._group_skipped = False
+        state.optimizer.zero_grad(set_to_none=True)
+        if self._checkpointed_at != state.step:
+            saved = f"checkpoint {self.save_checkpoint()}"
+        else:
+            saved = f"the checkpoint of step {state.step}"
+        why = (f"more than training.max_skipped_batches={tc.max_skipped_batches} batches had a non-finite loss"
+               if tc.nonfinite == "skip" else "set training.nonfinite: skip to skip such batches")
+        raise PluginError(f"{exc}. Training stopped ({why}); {saved} holds the last good state, "
+                          "resume from it with --resume once the cause is fixed", plugin=exc.plugin, hook="loss_terms") from None
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the student on data.eval; the result is logged and handed to plugins."""
@@ -477,6 +536,7 @@ class Trainer:
             "step": state.step,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
+            "skipped_batches": state.skipped_batches,
             "scheduler": state.scheduler.state_dict(),
             "plugins": self.host.per_plugin("state_dict", state=state),
             "plugin_modules": self.plugin_modules.state_dict(),
@@ -485,14 +545,35 @@ class Trainer:
         return ckpt.save(self.accelerator, self.output_dir / "checkpoints", state.step, extra, self.config.training.keep_checkpoints)
 
     def resume(self, path: str | Path) -> None:
-        """Restore models, optimizer, scheduler, RNG, progress and plugin states."""
-        found = ckpt.find(Path(path))
-        if found is None:
+        """Restore models, optimizer, scheduler, RNG, progress and plugin states.
+
+        From a run directory, a torn or corrupt checkpoint is skipped with a warning
+        in favour of the one before it; a checkpoint named directly must be intact.
+        """
+        tried = ckpt.candidates(Path(path))
+        if not tried:
             raise ConfigError(f"--resume: no checkpoint found in {path} (looked for checkpoints/latest)")
+        explicit = ckpt.is_checkpoint(Path(path))
+        for candidate in tried:
+            problem = ckpt.verify(candidate)
+            if problem is None:
+                try:
+                    self._load_checkpoint(candidate)
+                    return
+                except Exception as exc:  # a checkpoint without a manifest can still be torn
+                    problem = f"cannot be loaded: {type(exc).__name__}: {exc}"
+            if explicit:
+                raise CheckpointError(f"--resume: checkpoint {candidate} {problem}")
+            warn(f"skipping checkpoint {candidate}: {problem}")
+        raise CheckpointError(f"--resume: every checkpoint in {path} is torn or corrupt ({', '.join(c.name for c in tried)}); "
+                              "start the run afresh without --resume")
+
+    def _load_checkpoint(self, found: Path) -> None:
         state = self.state
         self.accelerator.load_state(str(found))
         extra = ckpt.load_extra(found)
         state.step, state.epoch, state.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
+        state.skipped_batches = extra.get("skipped_batches", 0)
         state.scheduler.load_state_dict(extra["scheduler"])
         self.plugin_modules.load_state_dict(extra["plugin_modules"])
         state.history = list(extra.get("history", []))
@@ -523,6 +604,22 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         if self.config.trackers:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+
+class NonFiniteLoss(Exception):
+    """A loss term of this micro-batch is NaN or infinite; the loop skips the batch or stops (training.nonfinite)."""
+
+    def __init__(self, message: str, plugin: str | None):
+        super().__init__(message)
+        self.plugin = plugin
+
+
+def _scalar(value: torch.Tensor) -> str:
+    v = value.detach().float()
+    if v.numel() == 1:
+        return f"{v.item():.4g}"
+    bad = int((~torch.isfinite(v)).sum())
+    return f"{bad} of {v.numel()} values non-finite" if bad else f"mean {v.mean().item():.4g}"
 
 
 def _fresh_accelerate_state() -> None:

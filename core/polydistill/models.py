@@ -54,11 +54,24 @@ def load_model(
     kwargs: dict[str, Any] = _label_kwargs(task, labels)
     if revision:
         kwargs["revision"] = revision
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        raise ConfigError(f"{role}: no such model directory: {name_or_path}")  # a path, never a hub id
     try:
         model, info = _auto(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         hint = "" if Path(name_or_path).exists() else " (not a local directory; as a hub id it needs network access or the local HF cache)"
-        raise ConfigError(f"{role}: cannot load '{name_or_path}'{hint}: {exc}") from None
+        raise ConfigError(f"{role}: cannot load '{name_or_path}'{hint}: {_first_line(exc)}") from None
+    except RuntimeError as exc:
+        if labels and "mismatched" in str(exc):  # the checkpoint's head has another number of labels
+            from transformers import AutoConfig
+
+            own = AutoConfig.from_pretrained(name_or_path, revision=revision)
+            names = [own.id2label[i] for i in sorted(own.id2label)]
+            raise ConfigError(
+                f"{role}: '{name_or_path}' has a head for {own.num_labels} labels {names}, but this run has {len(labels)} "
+                f"{labels}; use a model with the run's labels, one without a {task} head, or student.from_teacher"
+            ) from None
+        raise
     if require_head and task != "embedding":
         missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
         if missing:
@@ -67,6 +80,11 @@ def load_model(
                 "a teacher with a random head teaches noise. Fine-tune it first: a config with no teachers does that."
             )
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_tokenizer(name_or_path: str, role: str = "tokenizer", revision: str | None = None) -> Any:

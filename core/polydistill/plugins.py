@@ -6,6 +6,7 @@ import difflib
 import functools
 import inspect
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ DEFAULTS_GROUP = "polydistill.default_plugins"
 TRACE_ENV = "POLYDISTILL_TRACE"
 
 _SINGLE_ANSWER = ("select_teachers", "teacher_outputs")
+_MERGED = ("loss_terms", "regularize", "on_evaluate")
 
 
 @dataclass
@@ -83,6 +85,21 @@ def check_api(name: str, obj: Any) -> None:
         )
 
 
+def install_hint(plugin: str, exc: BaseException) -> str:
+    """For a missing module, the pip command that installs it (the plugin distribution's extra when one names it)."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return ""
+    module = exc.name.split(".")[0]
+    dist = next((getattr(ep, "dist", None) for ep in _entry_points(ENTRY_POINT_GROUP) if ep.name == plugin), None)
+    if dist is not None:
+        wanted = re.sub(r"[-_.]+", "-", module).lower()
+        for line in dist.requires or []:
+            match = re.match(r"\s*([A-Za-z0-9._-]+).*?extra\s*==\s*[\"']([^\"']+)[\"']", line)
+            if match and re.sub(r"[-_.]+", "-", match.group(1)).lower() == wanted:
+                return f" (a missing optional dependency: pip install '{dist.metadata['Name']}[{match.group(2)}]')"
+    return f" (a missing dependency: pip install {module})"
+
+
 def load_plugin_object(name: str, installed: dict[str, InstalledPlugin] | None = None) -> Any:
     """Import the object an entry point names; errors name the plugin."""
     installed = installed if installed is not None else installed_plugins()
@@ -99,7 +116,8 @@ def load_plugin_object(name: str, installed: dict[str, InstalledPlugin] | None =
     try:
         obj = ep.load()
     except Exception as exc:  # a broken plugin must say which one it is
-        raise PluginError(f"plugin '{name}' ({ep.value}) failed to import: {type(exc).__name__}: {exc}", plugin=name) from exc
+        raise PluginError(f"plugin '{name}' ({ep.value}) failed to import: {type(exc).__name__}: {exc}{install_hint(name, exc)}",
+                          plugin=name) from exc
     check_api(name, obj)
     if getattr(obj, "Settings", None) is not None and settings_model(obj) is None:
         raise PluginError(f"plugin '{name}': its Settings is not a pydantic model (subclass polydistill.PluginSettings)", plugin=name)
@@ -147,7 +165,8 @@ def instantiate(name: str, obj: Any, settings: BaseModel | None) -> Any:
         except PolydistillError:  # already names the option at fault
             raise
         except Exception as exc:
-            raise PluginError(f"plugin '{name}' failed to start: {type(exc).__name__}: {exc}", plugin=name) from exc
+            raise PluginError(f"plugin '{name}' failed to start: {type(exc).__name__}: {exc}{install_hint(name, exc)}",
+                              plugin=name) from exc
     return obj
 
 
@@ -167,6 +186,7 @@ class PluginHost:
         self.order: list[str] = []
         self.settings: dict[str, BaseModel | None] = dict(settings or {})
         self._answered: list[str] = []
+        self._owners: dict[str, list[str]] = {}  # term name -> plugins that returned it, in the last merged call
         for name, plugin in plugins:
             try:
                 self.pm.register(plugin, name=name)
@@ -211,7 +231,7 @@ class PluginHost:
         return cls(loaded, settings)
 
     def _guard(self, plugin: str, hook: str, func: Any) -> Any:
-        answered = self._answered
+        answered, owners = self._answered, self._owners
 
         @functools.wraps(func)
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -220,9 +240,13 @@ class PluginHost:
             except PolydistillError:  # already a message for the user
                 raise
             except Exception as exc:
-                raise PluginError(f"plugin '{plugin}' failed in hook '{hook}': {type(exc).__name__}: {exc}", plugin=plugin, hook=hook) from exc
+                raise PluginError(f"plugin '{plugin}' failed in hook '{hook}': {type(exc).__name__}: {exc}{install_hint(plugin, exc)}",
+                                  plugin=plugin, hook=hook) from exc
             if result is not None and hook in _SINGLE_ANSWER:
                 answered.append(plugin)
+            if isinstance(result, dict) and hook in _MERGED:
+                for key in result:
+                    owners.setdefault(key, []).append(plugin)
             return result
 
         return call
@@ -250,14 +274,24 @@ class PluginHost:
         return results[0] if results else None
 
     def merged(self, hook: str, taken: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """The union of every plugin's dict; :meth:`owner` then names the plugin behind each key."""
         out: dict[str, Any] = {}
         seen = set(taken or ())
+        earlier = {k: list(self._owners.get(k, [])) for k in seen}
+        self._owners.clear()
+        self._owners.update(earlier)
         for result in getattr(self.pm.hook, hook)(**kwargs):
             for key, value in result.items():
                 if key in out or key in seen:
-                    raise PluginError(f"two plugins return a term named '{key}' from '{hook}'; names must be unique", hook=hook)
+                    who = " and ".join(f"'{p}'" for p in self._owners.get(key, [])) or "two plugins"
+                    raise PluginError(f"plugins {who} both return a term named '{key}' from '{hook}'; names must be unique", hook=hook)
                 out[key] = value
         return out
+
+    def owner(self, key: str) -> str | None:
+        """The plugin that returned ``key`` in the latest :meth:`merged` call (and the ``taken`` keys before it)."""
+        found = self._owners.get(key)
+        return found[0] if found else None
 
     def call(self, hook: str, **kwargs: Any) -> list[Any]:
         return getattr(self.pm.hook, hook)(**kwargs)

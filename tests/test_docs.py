@@ -97,8 +97,7 @@ def test_the_site_navigation_lists_every_page():
     listed = set(pages(nav))
     on_disk = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     assert listed <= on_disk, f"nav entries without a page: {sorted(listed - on_disk)}"
-    # benchmarks.md gets its nav entry on the branch that writes it
-    assert on_disk - listed <= {"benchmarks.md"}, f"pages missing from the nav: {sorted(on_disk - listed)}"
+    assert on_disk == listed, f"pages missing from the nav: {sorted(on_disk - listed)}"
 
 
 def test_ci_runs_the_readme_test_command_exactly():

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -269,7 +268,7 @@ def w2_pairs(data: Path, pairs: int) -> list[tuple[str, str]]:
 def w2_st(paths: dict[str, Path], minilm: Path, pairs: list[tuple[str, str]], work: Path) -> dict[str, float]:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer import models
+    from sentence_transformers.sentence_transformer import modules as models
     from sentence_transformers.sentence_transformer.losses import MSELoss
 
     out = work / "w2-st"
@@ -384,7 +383,9 @@ def memory_child(args: argparse.Namespace) -> None:
     else:
         pairs = w2_pairs(args.data, args.w2_pairs)
         result = (w2_st if variant == "st" else w2_pd)(paths, minilm, pairs, work)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries the forked parent's high-water mark across exec into ru_maxrss.
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     print(json.dumps({"peak_rss_mib": peak, **result}))
 
 
@@ -404,13 +405,14 @@ def setup(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path, list[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--workloads", default="w1,w2,hooks,memory")
+    parser.add_argument("--workloads", default="w1,w2,overhead,hooks,memory")
     parser.add_argument("--w1-variants", default=",".join(W1_VARIANTS))
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each workload's interleaved variants")
     parser.add_argument("--steps", type=int, default=40, help="W1 steps per run (one epoch of steps x 32 sentences)")
     parser.add_argument("--warmup", type=int, default=5, help="W1 steps before timing starts")
     parser.add_argument("--w2-pairs", type=int, default=1024, help="W2 parallel pairs (split over 8 languages)")
     parser.add_argument("--hook-calls", type=int, default=2000)
+    parser.add_argument("--overhead-reps", type=int, default=10, help="pairs of runs with and without 5 no-op plugins")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -445,6 +447,7 @@ def main() -> None:
                 runs[variant].append(r)
                 print(f"[w1] rep {rep} {variant}: {r}", flush=True)
         results["w1"] = {v: {"runs": rs, **{f"median_{k}": median([r[k] for r in rs]) for k in rs[0]}} for v, rs in runs.items()}
+        write_results(args.out, results)  # each workload is saved as it ends
     if "w2" in workloads:
         pairs = w2_pairs(args.data, args.w2_pairs)
         runs = {v: [] for v in W2_VARIANTS}
@@ -455,10 +458,22 @@ def main() -> None:
                 print(f"[w2] rep {rep} {variant}: {r}", flush=True)
         results["w2"] = {v: {"runs": rs, **{f"median_{k}": median([r[k] for r in rs]) for k in rs[0]}} for v, rs in runs.items()}
         results["w2_pairs"] = len(pairs)
+        write_results(args.out, results)
+    if "overhead" in workloads:
+        pair = ["pd_grouped", "pd_grouped_noops"]
+        runs = {v: [] for v in pair}
+        for rep in range(args.overhead_reps):
+            for variant in pair if rep % 2 == 0 else pair[::-1]:
+                runs[variant].append(run_w1(variant, paths, texts, train, work, args.steps, args.warmup))
+            print(f"[overhead] rep {rep}: {[runs[v][-1]['samples_per_s'] for v in pair]}", flush=True)
+        ratios = [b["samples_per_s"] / a["samples_per_s"] for a, b in zip(*runs.values())]
+        results["overhead"] = {"runs": runs, "ratios": ratios, "median_ratio": median(ratios)}
+        write_results(args.out, results)
     if "hooks" in workloads:
         reps = [hook_overhead(paths, train, work, args.hook_calls) for _ in range(args.reps)]
         results["hooks"] = {k: median([r[k] for r in reps]) for k in reps[0]}
         print(f"[hooks] {results['hooks']}", flush=True)
+        write_results(args.out, results)
     if "memory" in workloads:
         mem: dict[str, Any] = {}
         children = [f"w1:{v}" for v in W1_VARIANTS if v != "pd_grouped_noops"] + [f"w2:{v}" for v in W2_VARIANTS]
@@ -481,6 +496,8 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     name = out / "speed.json"
     previous = json.loads(name.read_text(encoding="utf-8")) if name.is_file() else {}
     merged = {**previous, **results}  # a run of some workloads keeps the others' last results
+    done = [w for w in ("w1", "w2", "overhead", "hooks", "memory") if w in results]
+    merged["commands"] = {**previous.get("commands", {}), **{w: results["command"] for w in done}}
     name.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
     parts = []
     w1 = merged.get("w1")
@@ -511,6 +528,11 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
                  f"{r['median_samples_per_s']:.1f}", f"{r['median_samples_per_s'] / base:.2f}×"] for v, r in w2.items()]
         parts.append(f"### W2: embedding distillation, {merged.get('w2_pairs')} pairs, both sides\n\n"
                      + table(["variant", "wall s (median)", "sentences/s", "vs sentence-transformers"], rows))
+    overhead = merged.get("overhead")
+    if overhead:
+        r = overhead["ratios"]
+        parts.append(f"### Five no-op plugins, step level\n\n{len(r)} interleaved pairs of length-grouped runs: samples/s with 5 no-op "
+                     f"plugins / without, median {overhead['median_ratio']:.3f} (range {min(r):.3f}–{max(r):.3f}).")
     hooks = merged.get("hooks")
     if hooks:
         extra = hooks["kd + 5 no-ops"] - hooks["kd only"]
@@ -524,7 +546,11 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     parts.append(f"Machine: {m['cores']} cores, {m['threads']} torch threads, Python {m['python']}, torch {m['torch']}, "
                  f"transformers {m['transformers']}, polydistill {m['polydistill']}"
                  + (f", TextBrewer {m['textbrewer']}, sentence-transformers {m['sentence_transformers']}" if "textbrewer" in m else "")
-                 + f". Command: `{merged['command']}`.")
+                 + ".")
+    by_command: dict[str, list[str]] = {}
+    for workload, command in merged["commands"].items():
+        by_command.setdefault(command, []).append(workload)
+    parts.append("Commands: " + "; ".join(f"`{c}` ({', '.join(ws)})" for c, ws in by_command.items()) + ".")
     (out / "speed.md").write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     print("\n\n".join(parts))
 

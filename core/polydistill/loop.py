@@ -281,14 +281,15 @@ class Trainer:
             return self._teacher_forward(i, batch.teacher_inputs[i], batch.teacher_words[i])
         texts = batch.teacher_texts
         found = cache.lookup(texts)
+        keys = [t if isinstance(t, str) else tuple(t) for t in texts]  # word lists (token tasks) as tuples
         # A text repeated in the batch (both sides of a parallel pair read the same
         # source) is run once.
-        todo = list(dict.fromkeys(t if isinstance(t, str) else tuple(t) for t, a in zip(texts, found) if a is None))
+        todo = list(dict.fromkeys(k for k, a in zip(keys, found) if a is None))
         if todo:
-            first = {}
-            for j, t in enumerate(texts):
-                first.setdefault(t if isinstance(t, str) else tuple(t), j)
-            rows = torch.tensor([first[t] for t in todo], device=state.device)
+            first: dict[Any, int] = {}
+            for j, k in enumerate(keys):
+                first.setdefault(k, j)
+            rows = torch.tensor([first[k] for k in todo], device=state.device)
             inputs = {k: v.index_select(0, rows) for k, v in batch.teacher_inputs[i].items()}
             words = batch.teacher_words[i]
             if "attention_mask" in inputs:  # drop columns that are padding for every selected row
@@ -303,7 +304,7 @@ class Trainer:
                 new = list(value)
             cache.put_many([texts[first[t]] for t in todo], new)
             computed = dict(zip(todo, new))
-            found = [a if a is not None else computed[t if isinstance(t, str) else tuple(t)] for t, a in zip(texts, found)]
+            found = [a if a is not None else computed[k] for k, a in zip(keys, found)]
         value = stack_padded(found, state.device)
         if self.config.task == "embedding":
             return ModelOutputs(embeddings=value)

@@ -131,3 +131,22 @@ def save(out: Path, name: str, results: dict[str, Any], markdown: str) -> None:
     (out / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
     print(markdown)
     print(f"\nwrote {out / name}.json and .md")
+
+
+def run_study(study: dict[str, Any], work: Path, out: Path, args: argparse.Namespace, times: dict[str, float], begin: float) -> None:
+    """Write ``study`` to ``work/study.yaml``, run it with polydistill ablate, write its report and run.json to ``out``."""
+    import yaml
+
+    import polydistill
+
+    study_file = work / "study.yaml"
+    study_file.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    with timer(times, "study_s"):
+        result = polydistill.ablate(study_file)
+    report = polydistill.write_report(result.dir, out)
+    times["total_s"] = round(time.perf_counter() - begin, 1)
+    info = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "times": times,
+            "failed": [f"{r['cell']} seed {r['seed']}: {r['error']['message']}" for r in result.failed]}
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print((report.out_dir / "report.md").read_text(encoding="utf-8"))
+    print(f"times: {times}; report: {report.out_dir}")

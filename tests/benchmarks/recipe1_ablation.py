@@ -20,13 +20,12 @@ Results: docs/results/recipe1-ablation/ (the study report: report.md, cells.csv,
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
 import yaml
-from common import LANGS, ROOT, add_common_args, machine, teacher_dir, timer
+from common import LANGS, ROOT, add_common_args, run_study, teacher_dir
 from recipe1_embeddings import build_data
 
 
@@ -44,9 +43,8 @@ def main() -> None:
 
     import torch
 
-    import polydistill
-
     torch.set_num_threads(args.threads)
+    begin = time.perf_counter()
     work = (args.work or ROOT / "runs" / "benchmarks" / "recipe1-ablation").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -83,20 +81,7 @@ def main() -> None:
             "+l2": {"plugins.l2": {"sp_alpha": 0.01}},
         }}},
     }
-    study_file = work / "study.yaml"
-    study_file.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
-    times: dict[str, float] = {}
-    begin = time.perf_counter()
-    with timer(times, "study_s"):
-        result = polydistill.ablate(study_file)
-    out = args.out / "recipe1-ablation"
-    report = polydistill.write_report(result.dir, out)
-    times["total_s"] = round(time.perf_counter() - begin, 1)
-    info = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "times": times,
-            "failed": [f"{r['cell']} seed {r['seed']}: {r['error']['message']}" for r in result.failed]}
-    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print((report.out_dir / "report.md").read_text(encoding="utf-8"))
-    print(f"times: {times}; report: {report.out_dir}")
+    run_study(study, work, args.out / "recipe1-ablation", args, {}, begin)
 
 
 if __name__ == "__main__":

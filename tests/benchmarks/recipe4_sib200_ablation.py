@@ -20,13 +20,12 @@ Results: docs/results/recipe4/ (the study report: report.md, cells.csv, runs.csv
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
 import yaml
-from common import ROOT, add_common_args, machine, teacher_dir, timer
+from common import ROOT, add_common_args, run_study, teacher_dir, timer
 from recipe2_sib200 import cut_student, distill_config, finetune_teacher, labels_of, write_data
 
 TARGETS = ["deu_Latn", "fra_Latn", "spa_Latn", "ita_Latn", "nld_Latn", "pol_Latn", "rus_Cyrl", "tur_Latn"]
@@ -46,8 +45,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-
-    import polydistill
 
     torch.set_num_threads(args.threads)
     work = (args.work or ROOT / "runs" / "benchmarks" / "recipe4").resolve()
@@ -87,18 +84,7 @@ def main() -> None:
                 "dictionaries": dictionaries, "languages": ["eng_Latn"], "probability": 0.5, "word_probability": 0.3}},
         }}},
     }
-    study_file = work / "study.yaml"
-    study_file.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
-    with timer(times, "study_s"):
-        result = polydistill.ablate(study_file)
-    out = args.out / "recipe4"
-    report = polydistill.write_report(result.dir, out)
-    times["total_s"] = round(time.perf_counter() - begin, 1)
-    info = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "times": times,
-            "failed": [f"{r['cell']} seed {r['seed']}: {r['error']['message']}" for r in result.failed]}
-    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    print((report.out_dir / "report.md").read_text(encoding="utf-8"))
-    print(f"times: {times}; report: {report.out_dir}")
+    run_study(study, work, args.out / "recipe4", args, times, begin)
 
 
 if __name__ == "__main__":

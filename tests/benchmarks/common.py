@@ -133,12 +133,20 @@ def save(out: Path, name: str, results: dict[str, Any], markdown: str) -> None:
     print(f"\nwrote {out / name}.json and .md")
 
 
-def run_study(study: dict[str, Any], work: Path, out: Path, args: argparse.Namespace, times: dict[str, float], begin: float) -> None:
-    """Write ``study`` to ``work/study.yaml``, run it with polydistill ablate, write its report and run.json to ``out``."""
+def run_study(name: str, base: dict[str, Any], levels: dict[str, Any], work: Path, out: Path, args: argparse.Namespace,
+              times: dict[str, float], begin: float) -> None:
+    """An add-one-in study over ``levels`` on ``base``: written to ``work``, run with polydistill ablate
+    (``args.seeds`` seeds, ``args.jobs`` at a time), its report and run.json written to ``out``."""
     import yaml
 
     import polydistill
 
+    (work / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
+    study = {
+        "name": name, "base": "base.yaml", "seeds": args.seeds, "jobs": args.jobs,
+        "threads_per_run": max(1, args.threads // args.jobs), "keep": "metrics", "output_dir": str(work / "study"),
+        "axes": {"plugins": {"levels": levels}},
+    }
     study_file = work / "study.yaml"
     study_file.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
     with timer(times, "study_s"):

@@ -24,7 +24,6 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
 from common import LANGS, ROOT, add_common_args, run_study, teacher_dir
 from recipe1_embeddings import build_data
 
@@ -63,25 +62,15 @@ def main() -> None:
         "plugins": {"kd": {"mse": 1.0, "normalize": True}},
         "cache": {"enabled": False},
     }
-    (work / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
     dictionaries = {lang: str(args.data / "muse" / f"en-{lang}.tsv") for lang in LANGS.values()}
-    study = {
-        "name": "tatoeba-embedding-plugins",
-        "base": "base.yaml",
-        "seeds": args.seeds,
-        "jobs": args.jobs,
-        "threads_per_run": max(1, args.threads // args.jobs),
-        "keep": "metrics",
-        "output_dir": str(work / "study"),
-        "axes": {"plugins": {"levels": {
-            "base": {},
-            "+code_switch": {"plugins.code_switch": {
-                "dictionaries": dictionaries, "languages": ["en"], "probability": 0.5, "word_probability": 0.3}},
-            "+dropout": {"plugins.dropout": {"hidden": 0.2, "attention": 0.2}},
-            "+l2": {"plugins.l2": {"sp_alpha": 0.01}},
-        }}},
+    levels = {
+        "base": {},
+        "+code_switch": {"plugins.code_switch": {
+            "dictionaries": dictionaries, "languages": ["en"], "probability": 0.5, "word_probability": 0.3}},
+        "+dropout": {"plugins.dropout": {"hidden": 0.2, "attention": 0.2}},
+        "+l2": {"plugins.l2": {"sp_alpha": 0.01}},
     }
-    run_study(study, work, args.out / "recipe1-ablation", args, {}, begin)
+    run_study("tatoeba-embedding-plugins", base, levels, work, args.out / "recipe1-ablation", args, {}, begin)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
 from common import ROOT, add_common_args, run_study, teacher_dir, timer
 from recipe2_sib200 import cut_student, distill_config, finetune_teacher, labels_of, write_data
 
@@ -63,28 +62,18 @@ def main() -> None:
     base = distill_config(teachers[0], init, files, labels, work, 0, args)
     base["data"]["eval"] = files["eval"]
     base["teachers"] = [{"model": str(teachers[0]), "name": "teacher0"}]
-    (work / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False), encoding="utf-8")
     dictionaries = {lang: str(args.data / "muse" / f"en-{MUSE[lang]}.tsv") for lang in targets}
-    study = {
-        "name": "sib200-plugins",
-        "base": "base.yaml",
-        "seeds": args.seeds,
-        "jobs": args.jobs,
-        "threads_per_run": max(1, args.threads // args.jobs),
-        "keep": "metrics",
-        "output_dir": str(work / "study"),
-        "axes": {"plugins": {"levels": {
-            "base": {},
-            "+multi_teacher": {
-                "teachers": [{"model": str(teachers[0]), "name": "teacher0"}, {"model": str(teachers[1]), "name": "teacher1"}],
-                "plugins.multi_teacher": {"fusion": "confidence"},
-            },
-            "+adaptive_temperature": {"plugins.adaptive_temperature": {"schedule": "linear", "start": 4.0, "end": 1.0}},
-            "+code_switch": {"plugins.code_switch": {
-                "dictionaries": dictionaries, "languages": ["eng_Latn"], "probability": 0.5, "word_probability": 0.3}},
-        }}},
+    levels = {
+        "base": {},
+        "+multi_teacher": {
+            "teachers": [{"model": str(teachers[0]), "name": "teacher0"}, {"model": str(teachers[1]), "name": "teacher1"}],
+            "plugins.multi_teacher": {"fusion": "confidence"},
+        },
+        "+adaptive_temperature": {"plugins.adaptive_temperature": {"schedule": "linear", "start": 4.0, "end": 1.0}},
+        "+code_switch": {"plugins.code_switch": {
+            "dictionaries": dictionaries, "languages": ["eng_Latn"], "probability": 0.5, "word_probability": 0.3}},
     }
-    run_study(study, work, args.out / "recipe4", args, times, begin)
+    run_study("sib200-plugins", base, levels, work, args.out / "recipe4", args, times, begin)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,11 @@ def save_run(trainer: Any, metrics: dict[str, Any]) -> Path:
         versions = trainer.host.versions()
         dump_json(out / "plugins.json", versions)
         dump_json(out / "metrics.json", metrics)
-        write_atomic(student_dir / "README.md", model_card(trainer.config, metrics, versions, state.step))
+        write_atomic(student_dir / "README.md", model_card(trainer.config, metrics, versions, state.step, trainer.vocabulary))
     return student_dir
 
 
-def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str | None], steps: int) -> str:
+def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str | None], steps: int, vocabulary: Any = None) -> str:
     per_lang = metrics.get("per_language", {})
     langs = sorted(per_lang)
     names = sorted({k for m in per_lang.values() for k in m})
@@ -83,6 +83,15 @@ def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str |
         f"- polydistill {__version__}",
         "",
     ]
+    if vocabulary is not None:
+        vc = config.student.vocabulary
+        how = {"keep": "the starting tokenizer's vocabulary", "trim": "the starting tokenizer trimmed to the tokens the training text uses",
+               "extend": "the starting tokenizer extended with tokens learned from the training text",
+               "new": f"a new {vc.model} tokenizer learned from the training text"}[vc.method]
+        lines += ["## Vocabulary", "", f"{how[0].upper() + how[1:]}"
+                  + ("; text is transliterated to Latin script (anyascii) by the tokenizer's normalizer" if vc.transliterate != "none" else "")
+                  + f". New token rows: `{vc.init}` initialisation.", "", vocabulary.summary() + ".", "",
+                  vocabulary.markdown(), ""]
     if langs:
         lines += ["## Evaluation", "", "| language | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for lang in langs:

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     _add_set(v)
 
+    p = sub.add_parser("vocab", help="coverage of the student's vocabulary per language (and of the one student.vocabulary builds), without training")
+    p.add_argument("config", help="YAML or JSON config file")
+    _add_set(p)
+    p.add_argument("--out", help="also write the tokenizer, vocabulary.json and coverage.{json,md} to this folder")
+    p.add_argument("--json", action="store_true", help="print the coverage as JSON")
+
     p = sub.add_parser("ablate", help="run an ablation study: a base config, axes of plugin sets or options, seeds")
     p.add_argument("study", help="study file (YAML or JSON)")
     p.add_argument("--output-dir", help="study directory (default: the study's output_dir, else runs/<name>)")
@@ -112,6 +118,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     first = primary_metric(task)
     for metric in [first] + [m for m in metrics if m != first]:
         print(f"\n{metric}\n" + format_table(results, metric))
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from polydistill.config import load_config
+    from polydistill.vocabulary import inspect
+
+    built = inspect(load_config(args.config, args.overrides))
+    if args.out:
+        built.save(Path(args.out))
+    print(json.dumps({"vocabulary": built.info, "coverage": built.coverage}, indent=2) if args.json
+          else built.summary() + "\n\n" + built.markdown())
     return 0
 
 
@@ -228,7 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "config": cmd_config,
-    "ablate": cmd_ablate, "report": cmd_report, "demo": cmd_demo,
+    "ablate": cmd_ablate, "report": cmd_report, "demo": cmd_demo, "vocab": cmd_vocab,
 }
 
 

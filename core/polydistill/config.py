@@ -57,6 +57,52 @@ class FromTeacher(_Strict):
         return v
 
 
+class VocabularyConfig(_Strict):
+    """The student's own vocabulary, built from the training text before training and saved with the student."""
+
+    method: Literal["keep", "trim", "extend", "new"] = Field(
+        "keep",
+        description="`keep`: the student's tokenizer as it is. `trim`: keep only the tokens the training text uses, plus "
+        "`keep` and (with `keep_characters`) every single-character token, so text is tokenized exactly as before. "
+        "`extend`: add tokens learned from the training text of `languages` to the tokenizer. `new`: a fresh "
+        "`model` tokenizer of `size` tokens learned from the training text of every language and (with "
+        "`include_source`) the source side. Token rows the old vocabulary has are kept; the others start from `init`.",
+    )
+    model: Literal["wordpiece", "unigram", "bpe"] = Field("wordpiece", description="Tokenizer model of `method: new`. `extend` keeps the old tokenizer's model.")
+    size: int | None = Field(
+        None, ge=1,
+        description="`new`: the vocabulary size (default 16000). `extend`: at most this many tokens are added (default 8000), "
+        "the most frequent first.",
+    )
+    languages: list[str] | None = Field(
+        None, description="Language tags (as in the data) whose training rows the vocabulary is learned or counted from; default: every language."
+    )
+    include_source: bool = Field(True, description="`new`: learn from the teachers' side (`columns.source`) of parallel data too.")
+    sample: int | None = Field(None, ge=1, description="Use at most this many training rows per language (sampled with `seed`); default: all rows.")
+    min_frequency: int = Field(2, ge=1, description="`extend` and `new`: a token must occur this often in the sampled text to be learned.")
+    keep: list[str] = Field(default_factory=list, description="`trim`: tokens kept even when the training text does not use them (special tokens always are).")
+    keep_characters: bool = Field(
+        True, description="`trim`: keep every single-character token (letters, digits, punctuation), so unseen words split into characters instead of `[UNK]`."
+    )
+    trim_unused: bool = Field(False, description="`extend`: afterwards drop the old tokens the training text does not use (as `trim` does). Options of other methods are ignored, so a study can vary `method` alone.")
+    transliterate: Literal["none", "anyascii"] = Field(
+        "none",
+        description="Write the student's text in Latin script (anyascii) before tokenizing. Built into the saved tokenizer's "
+        "normalizer, so `AutoTokenizer` reads text as the student was trained. Covers every 128-code-point block of a "
+        "character in the training text (only the characters seen for CJK and Hangul syllables).",
+    )
+    init: Literal["random", "fvt", "parallel"] = Field(
+        "fvt",
+        description="Rows of tokens the old vocabulary lacks. `random`: N(0, the model's initializer_range). `fvt`: the mean of "
+        "the rows of the old tokenizer's pieces of the token (Gee et al. 2022). `parallel`: a weighted mean of the rows of "
+        "the source tokens the token translates to, by IBM Model 1 alignment of the parallel training pairs "
+        "(target side with the new tokenizer, source side with the old); tokens seen fewer than `min_alignments` times fall back to `fvt`.",
+    )
+    min_alignments: int = Field(3, ge=1, description="`init: parallel`: pairs a token must occur in for its aligned row; rarer tokens use `fvt`.")
+    top_k: int = Field(8, ge=1, description="`init: parallel`: source tokens mixed into each row, by alignment probability.")
+    seed: int | None = Field(None, description="Seed of `sample` and random rows; default `training.seed`.")
+
+
 class StudentConfig(_Strict):
     """The student: exactly one of `model`, `from_teacher` or `config`."""
 
@@ -67,6 +113,7 @@ class StudentConfig(_Strict):
         description='A randomly initialised model: `base` (hub id or path whose config is the starting point) plus config fields to change, e.g. `{base: bert-base-multilingual-cased, num_hidden_layers: 4}`. A field the base config does not have is an error that suggests the closest field.',
     )
     tokenizer: str | None = Field(None, description="Tokenizer hub id or path; defaults to `model`'s, the teacher's (`from_teacher`) or `config.base`'s. Must be a fast tokenizer.")
+    vocabulary: VocabularyConfig = Field(default_factory=VocabularyConfig, description="The student's own vocabulary: trimmed, extended or new, with the initialisation of new token rows (the Student vocabularies page of the docs).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StudentConfig:
@@ -219,6 +266,14 @@ class Config(_Strict):
             missing = [i for i, s in enumerate(self.data.train) if s.columns.source is None]
             if missing:
                 raise ValueError(f"mode 'parallel' needs data.train[{missing[0]}].columns.source (the column the teacher reads)")
+        vocab = self.student.vocabulary
+        if vocab.init == "parallel" and vocab.method in ("extend", "new") and self.mode != "parallel":
+            raise ValueError("student.vocabulary.init 'parallel' learns from parallel pairs: it needs mode 'parallel' (or init 'fvt')")
+        if vocab.method != "keep" or vocab.transliterate != "none":
+            if not self.data.train:
+                raise ValueError("student.vocabulary is built from data.train, which is empty")
+            if any(s.streaming for s in self.data.train) and vocab.sample is None:
+                raise ValueError("student.vocabulary.sample: required with streamed training data (rows read per language)")
         if self.student.from_teacher is not None:
             ref = self.student.from_teacher.teacher
             names = self.teacher_names()

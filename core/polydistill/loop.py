@@ -26,6 +26,7 @@ from torch import nn
 
 from polydistill import checkpoint as ckpt
 from polydistill import models as M
+from polydistill import vocabulary as V
 from polydistill.batch import Batch, ModelOutputs
 from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
 from polydistill.config import Config, load_config
@@ -144,18 +145,22 @@ class Trainer:
                     )
             t.requires_grad_(False)
 
-        # Data
+        # Data, then the student's own vocabulary (learned from the training text), then batching.
         dc = config.data
         self.train_data = load_sources(dc.train, config, labels) if dc.train else None
+        self.eval_data = load_sources(dc.eval, config, labels) if dc.eval else None
+        if self.eval_data is not None and not hasattr(self.eval_data, "__len__"):
+            raise ConfigError("data.eval: evaluation sources cannot be streamed")
+        self.vocabulary = None
+        if V.active(config.student.vocabulary):
+            self.vocabulary = V.build_vocabulary(config, student, student_tok, self.train_data, self.eval_data)
+            student_tok = self.vocabulary.tokenizer
         self.collator = Collator(config.task, student_tok, teacher_toks, dc.max_length, dc.padding, labels, config.mode == "parallel")
         acc = self.accelerator
         self.loader = make_loader(
             self.train_data, self.collator, dc.batch_size, tc.seed, dc.shuffle, dc.length_grouping,
             dc.stream_buffer, acc.num_processes, acc.process_index,
         )
-        self.eval_data = load_sources(dc.eval, config, labels) if dc.eval else None
-        if self.eval_data is not None and not hasattr(self.eval_data, "__len__"):
-            raise ConfigError("data.eval: evaluation sources cannot be streamed")
 
         same = [tok is None and config.mode == "same" for tok in self.collator.teacher_tokenizers]
         self.state = state = TrainState(
@@ -195,15 +200,17 @@ class Trainer:
             ref = sc.from_teacher.teacher
             idx = ref if isinstance(ref, int) else config.teacher_names().index(ref)
             student = M.student_from_teacher(teachers[idx], sc.from_teacher.layers, config.task, labels)
-            tok = M.load_tokenizer(config.resolve_path(sc.tokenizer), "student.tokenizer") if sc.tokenizer else teacher_toks[idx]
         elif sc.config is not None:
             base = config.resolve_path(sc.config["base"])
             overrides = {k: v for k, v in sc.config.items() if k != "base"}
             student = M.student_from_config(base, overrides, config.task, labels)
-            tok = M.load_tokenizer(config.resolve_path(sc.tokenizer or sc.config["base"]), "student.tokenizer")
         else:
             student = M.load_model(config.resolve_path(sc.model), config.task, labels, role="student.model")
-            tok = M.load_tokenizer(config.resolve_path(sc.tokenizer or sc.model), "student.tokenizer")
+        if sc.from_teacher is not None and not sc.tokenizer:
+            tok = teacher_toks[idx]
+        else:
+            path, revision, role = M.student_tokenizer_source(config)
+            tok = M.load_tokenizer(path, role, revision)
         return student.train(), tok
 
     def _total_steps(self) -> int:
@@ -418,6 +425,10 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.dump_json(self.output_dir / "config.json", self.config.resolved_dict())
+            if self.vocabulary is not None:
+                self.vocabulary.save(self.output_dir / "vocabulary")
+        if self.vocabulary is not None:
+            acc.print(self.vocabulary.summary() + "\n" + self.vocabulary.markdown())
         if self.config.trackers:
             acc.init_trackers(self.config.project_name, config=_flat(self.config.to_dict()))
         stop = _StopFlag()

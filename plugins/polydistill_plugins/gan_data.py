@@ -221,7 +221,7 @@ class GanData:
                     f"plugins.{NAME}: teacher '{name}' and the student have different vocabularies "
                     f"({len(vocab)} vs {len(student_vocab)} tokens; e.g. {', '.join(f'{t!r}={i}' for t, i in differ)}). "
                     "Generated inputs are distributions over one shared vocabulary: use a student with the teacher's "
-                    "tokenizer (e.g. student.from_teacher)"
+                    "tokenizer (e.g. student.from_teacher, with no student.vocabulary or its method 'keep')"
                 )
         size = max(student_vocab.values()) + 1
         for name, model in zip(["the student", *state.teacher_names], [state.unwrapped_student(), *state.teachers]):

@@ -126,7 +126,7 @@ class StandardKD:
             if self.weights[k] and not all(state.same_tokens[:1]):
                 raise ConfigError(
                     f"plugins.kd.{k}: matching per-token states needs the first teacher to read the student's exact tokens "
-                    "(mode 'same' and the same tokenizer)"
+                    "(mode 'same' and the same tokenizer, so no student.vocabulary)"
                 )
 
     @hookimpl

@@ -134,9 +134,9 @@ def save(out: Path, name: str, results: dict[str, Any], markdown: str) -> None:
 
 
 def run_study(name: str, base: dict[str, Any], levels: dict[str, Any], work: Path, out: Path, args: argparse.Namespace,
-              times: dict[str, float], begin: float) -> None:
-    """An add-one-in study over ``levels`` on ``base``: written to ``work``, run with polydistill ablate
-    (``args.seeds`` seeds, ``args.jobs`` at a time), its report and run.json written to ``out``."""
+              times: dict[str, float], begin: float, axis: str = "plugins") -> None:
+    """A study over ``levels`` (the first is the baseline) on ``base``: written to ``work``, run with polydistill
+    ablate (``args.seeds`` seeds, ``args.jobs`` at a time), its report and run.json written to ``out``."""
     import yaml
 
     import polydistill
@@ -145,7 +145,7 @@ def run_study(name: str, base: dict[str, Any], levels: dict[str, Any], work: Pat
     study = {
         "name": name, "base": "base.yaml", "seeds": args.seeds, "jobs": args.jobs,
         "threads_per_run": max(1, args.threads // args.jobs), "keep": "metrics", "output_dir": str(work / "study"),
-        "axes": {"plugins": {"levels": levels}},
+        "axes": {axis: {"levels": levels}},
     }
     study_file = work / "study.yaml"
     study_file.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")

@@ -61,7 +61,7 @@ def evaluate(model_dir: Path, evals: list[dict[str, Any]], threads: int) -> dict
 
 
 def run_polydistill(teacher: Path, train: Path, work: Path, name: str, layers: list[int], args: argparse.Namespace,
-                    epochs: int) -> tuple[Path, float]:
+                    epochs: int, vocabulary: dict[str, Any] | None = None) -> tuple[Path, float]:
     import polydistill
 
     out = work / name
@@ -70,7 +70,7 @@ def run_polydistill(teacher: Path, train: Path, work: Path, name: str, layers: l
         "task": "embedding",
         "mode": "parallel",
         "teachers": [{"model": str(teacher), "name": "minilm"}],
-        "student": {"from_teacher": {"teacher": "minilm", "layers": layers}},
+        "student": {"from_teacher": {"teacher": "minilm", "layers": layers}, "vocabulary": vocabulary or {}},
         "data": {"train": {"path": str(train), "columns": {"text": "text", "source": "source", "lang": "lang"}},
                  "batch_size": 2 * args.batch_pairs, "max_length": 128, "length_grouping": args.length_grouping},
         "training": {"epochs": epochs, "learning_rate": args.lr, "warmup_ratio": 0.1, "weight_decay": 0.01,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import statistics
 import time
@@ -128,7 +129,7 @@ def distill_config(teacher_model: Path, init: Path, files: dict[str, Any], label
     return {
         "task": "sequence_classification", "mode": "parallel", "labels": labels,
         "teachers": [{"model": str(teacher_model), "name": "teacher"}],
-        "student": {"model": str(init)},
+        "student": {"model": str(init), "vocabulary": json.loads(getattr(args, "vocabulary", None) or "{}")},
         "data": {"train": {"path": str(files["parallel"]), "columns": {"text": "text", "source": "source", "lang": "lang"}},
                  "batch_size": 32},
         "training": {"epochs": args.distill_epochs, "learning_rate": 1e-4, "warmup_ratio": 0.1, "seed": seed,
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--student-epochs-en", type=int, default=5)
     parser.add_argument("--distill-epochs", type=int, default=1)
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--vocabulary", help="student.vocabulary of the distilled student, as JSON, e.g. '{\"method\": \"new\", \"init\": \"parallel\"}'")
+    parser.add_argument("--name", default="recipe2", help="results file name (docs/results/NAME.{json,md})")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
 
@@ -198,6 +201,10 @@ def main() -> None:
         with timer(times, f"distill_seed{seed}_s"):
             run = polydistill.train(distill_config(teacher, init, files, labels, work, seed, args))
         results["distilled"].append(evaluate(run.student_dir, files, labels, args.threads))
+        vocab_dir = run.output_dir / "vocabulary"
+        if (vocab_dir / "vocabulary.json").is_file():
+            results["student_coverage"] = coverage(run.student_dir, args.data, langs)
+            results["student_vocabulary"] = json.loads((vocab_dir / "vocabulary.json").read_text(encoding="utf-8"))
         print(f"[recipe2] seed {seed}: english-only {results['english_only'][-1]['average']['accuracy']:.3f}, "
               f"distilled {results['distilled'][-1]['average']['accuracy']:.3f}")
     results["coverage"] = coverage(minilm, args.data, langs)
@@ -215,7 +222,14 @@ def main() -> None:
     e, d = en_only["target_average"], dist["target_average"]
     rows.append(["**target average**", t_avg, f"{e[0]:.3f} ± {e[1]:.3f}", f"{d[0]:.3f} ± {d[1]:.3f}", f"{d[0] - e[0]:+.3f}", "", ""])
     md = table(["language", "teacher (6 layers)", "student, English only", "student, distilled", "Δ", "[UNK] tokens", "tokens/word"], rows)
-    save(args.out, "recipe2", results, md)
+    if "student_coverage" in results:
+        before, after = results["coverage"], results["student_coverage"]
+        md += (f"\n\nThe distilled student's vocabulary ({results['student_vocabulary']['new_size']:,} tokens, "
+               f"{results['student_vocabulary']['parameters_after'] / 1e6:.1f}M parameters), on each test split, teacher's → student's:\n\n"
+               + table(["language", "tokens/word", "[UNK] tokens"],
+                       [[l, f"{before[l]['tokens_per_word']:.2f} → {after[l]['tokens_per_word']:.2f}",
+                         f"{before[l]['unk_tokens']:.1%} → {after[l]['unk_tokens']:.1%}"] for l in langs]))
+    save(args.out, args.name, results, md)
 
 
 if __name__ == "__main__":

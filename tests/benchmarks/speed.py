@@ -7,8 +7,9 @@ Workloads (variants interleaved in one process, repeated; medians and ratios rep
             Variants: hand-written loop (teacher under inference_mode, pad to 64), TextBrewer
             GeneralDistiller, polydistill padded to 64, a hand-written loop and polydistill
             with length-aware batching (dynamic padding), polydistill with length-aware
-            batching and the teacher-output cache (epoch 1 fills it, epoch 2 reads it), and
-            polydistill with five no-op plugins that implement every hook.
+            batching and the teacher-output cache (epoch 1 fills it, epoch 2 reads it),
+            polydistill with five no-op plugins that implement every hook, and polydistill
+            with the student's vocabulary trimmed to the training text (student.vocabulary).
   w2        multilingual embedding distillation on parallel pairs (8 languages): MSE to the
             teacher's normalised embeddings, 3-layer student, both sides of each pair.
             sentence-transformers' MSELoss recipe (teacher embeddings precomputed, counted in
@@ -341,7 +342,8 @@ def hook_overhead(paths: dict[str, Path], train: Path, work: Path, calls: int) -
 # ---------------------------------------------------------------- driver
 
 
-W1_VARIANTS = ["hand", "textbrewer", "hand_fused", "pd", "hand_grouped", "pd_grouped", "pd_grouped_cache", "pd_grouped_noops"]
+W1_VARIANTS = ["hand", "textbrewer", "hand_fused", "pd", "hand_grouped", "pd_grouped", "pd_grouped_cache", "pd_grouped_noops",
+               "pd_grouped_trim"]
 W2_VARIANTS = ["st", "pd"]
 
 
@@ -359,6 +361,13 @@ def run_w1(variant: str, paths: dict[str, Path], texts: list[str], train: Path, 
         history = pd_run(pd_config(paths, train, work, variant, steps, warmup, grouped),
                          noop_plugins() if variant == "pd_grouped_noops" else None)
         return {"samples_per_s": rate_between(history, warmup, steps)}
+    if variant == "pd_grouped_trim":  # the student's vocabulary trimmed to the training text (student.vocabulary)
+        cfg = pd_config(paths, train, work, variant, steps, warmup, True)
+        cfg["student"]["vocabulary"] = {"method": "trim"}
+        history = pd_run(cfg)
+        built = json.loads((work / variant / "vocabulary" / "vocabulary.json").read_text(encoding="utf-8"))
+        return {"samples_per_s": rate_between(history, warmup, steps), "vocabulary": built["new_size"],
+                "parameters": built["parameters_after"], "parameters_untrimmed": built["parameters_before"]}
     if variant == "pd_grouped_cache":
         cache = work / "cache-w1"
         shutil.rmtree(cache, ignore_errors=True)  # epoch 1 fills it, epoch 2 reads it
@@ -494,6 +503,8 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     name = out / "speed.json"
     previous = json.loads(name.read_text(encoding="utf-8")) if name.is_file() else {}
     merged = {**previous, **results}  # a run of some workloads keeps the others' last results
+    if "w1" in results and "w1" in previous:  # and a run of some W1 variants the others' last results
+        merged["w1"] = {**previous["w1"], **results["w1"]}
     done = [w for w in ("w1", "w2", "overhead", "hooks", "memory") if w in results]
     merged["commands"] = {**previous.get("commands", {}), **{w: results["command"] for w in done}}
     name.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
@@ -504,7 +515,8 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         names = {"hand": "hand-written loop, pad 64 (baseline)", "textbrewer": "TextBrewer GeneralDistiller, pad 64",
                  "hand_fused": "hand-written loop, pad 64, fused AdamW", "pd": "polydistill, pad 64", "hand_grouped": "hand-written loop, length-grouped",
                  "pd_grouped": "polydistill, length-grouped", "pd_grouped_cache": "polydistill, length-grouped, cache cold (epoch 1)",
-                 "pd_grouped_noops": "polydistill, length-grouped, 5 no-op plugins"}
+                 "pd_grouped_noops": "polydistill, length-grouped, 5 no-op plugins",
+                 "pd_grouped_trim": "polydistill, length-grouped, trimmed vocabulary"}
         rows = []
         for v, r in w1.items():
             rows.append([names[v], f"{r['median_samples_per_s']:.1f}", f"{r['median_samples_per_s'] / base:.2f}×",
@@ -518,6 +530,12 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         if "hand_grouped" in w1:
             notes.append(f"Length-grouped: {median([x['teacher_share'] for x in w1['hand_grouped']['runs']]):.2f}.")
         notes.append(f"Real tokens in a batch padded to 64: {merged['w1_real_token_share_pad64']:.2f}.")
+        if "pd_grouped_trim" in w1 and "pd_grouped" in w1:
+            t = w1["pd_grouped_trim"]["runs"][0]
+            pairs = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(w1["pd_grouped_trim"]["runs"], w1["pd_grouped"]["runs"])]
+            notes.append(f"Trimmed vocabulary: {t['vocabulary']:,} tokens, {t['parameters'] / 1e6:.1f}M parameters "
+                         f"(untrimmed {t['parameters_untrimmed'] / 1e6:.1f}M); trimmed / untrimmed length-grouped samples/s per "
+                         f"repetition: {', '.join(f'{r:.2f}×' for r in pairs)}.")
         parts.append(" ".join(notes))
     w2 = merged.get("w2")
     if w2:

@@ -377,3 +377,22 @@ def test_a_vocabulary_setting_is_a_study_axis(models, scripts, tmp_path):
     plan = plan_study(tmp_path / "study.yaml")
     inits = sorted(run.config["student"]["vocabulary"]["init"] for run in plan.runs)
     assert inits == ["fvt", "parallel", "random"]
+
+
+def test_streamed_training_data_builds_its_vocabulary_from_a_sample(models, scripts, tmp_path):
+    cfg = script_config(models, scripts, tmp_path, {"method": "extend", "size": 300, "min_frequency": 1}, training__max_steps=3)
+    cfg["data"]["train"]["streaming"] = True
+    with pytest.raises(ConfigError, match="student.vocabulary.sample: required with streamed training data"):
+        load_config(cfg)
+    cfg["student"]["vocabulary"]["sample"] = 5
+    result = polydistill.train(cfg)
+    built = json.loads((result.output_dir / "vocabulary" / "vocabulary.json").read_text())
+    assert built["languages"] == {"de": 5, "el": 5, "ru": 5} and built["added"] > 0
+
+
+def test_the_documented_example_config_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "student_vocabulary.yaml"
+    cfg = load_config(example)
+    assert cfg.student.vocabulary.method == "new" and cfg.student.vocabulary.init == "parallel"

@@ -357,8 +357,10 @@ def _train(spec: dict[str, Any], texts: list[str], kind: str, size: int, vc: Voc
             vocab.append(t[1:] if t.startswith(_METASPACE) else "##" + t)
         vocab = list(dict.fromkeys(vocab))
         vocab = vocab[: max(size, len(specials) + 2 * len(chars))]  # the alphabet always stays, so no word becomes [UNK]
+        # Words of unsegmented scripts (Thai, Khmer) run long; the usual limit of 100 characters makes them [UNK].
+        longest = spec["model"].get("max_input_chars_per_word") or 100
         wp = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token=unk, continuing_subword_prefix="##",
-                                        max_input_chars_per_word=100))
+                                        max_input_chars_per_word=max(longest, 400)))
         wp.normalizer = tok.normalizer
         wp.pre_tokenizer = words
         wp.decoder = decoders.WordPiece(prefix="##")

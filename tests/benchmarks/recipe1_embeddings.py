@@ -34,10 +34,12 @@ from typing import Any
 from common import LANGS, ROOT, add_common_args, binomial_ci, machine, parallel_pairs, sample, save, table, teacher_dir, timer, write_jsonl
 
 
-def build_data(data: Path, work: Path, pairs: int, seed: int, eval_limit: int | None = None) -> tuple[Path, list[tuple[str, str, str]], list[dict[str, Any]]]:
-    """Training rows (student reads xx or en, teacher reads en) and the Tatoeba eval sources."""
+def build_data(data: Path, work: Path, pairs: int, seed: int, eval_limit: int | None = None,
+               langs: dict[str, str] | None = None) -> tuple[Path, list[tuple[str, str, str]], list[dict[str, Any]]]:
+    """Training rows (student reads xx or en, teacher reads en) and the Tatoeba eval sources of ``langs`` (default LANGS)."""
+    langs = langs or LANGS
     triples = []
-    for lang3, lang in LANGS.items():
+    for lang3, lang in langs.items():
         triples += [(en, xx, lang) for en, xx in sample(parallel_pairs(data, lang3), pairs, seed)]
     rows = [{"text": xx, "source": en, "lang": lang} for en, xx, lang in triples]
     rows += [{"text": en, "source": en, "lang": "en"} for en, _, _ in triples]
@@ -46,7 +48,7 @@ def build_data(data: Path, work: Path, pairs: int, seed: int, eval_limit: int | 
     evals = [
         {"aligned": {"en": str(tatoeba / f"tatoeba.{l3}-eng.eng"), "xx": str(tatoeba / f"tatoeba.{l3}-eng.{l3}")},
          "columns": {"text": "xx", "source": "en"}, "lang": lang, "limit": eval_limit}
-        for l3, lang in LANGS.items()
+        for l3, lang in langs.items()
     ]
     return train, triples, evals
 

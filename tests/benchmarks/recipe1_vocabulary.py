@@ -5,6 +5,7 @@ Recipe 1's data, budget and evaluation (750 pairs per language for de fr es it n
 student's vocabulary as the only change. The student is the teacher's 6 layers unless
 a variant says otherwise. Variants (``--variants``, comma-separated):
 
+  keep          the teacher's vocabulary: recipe 1's pd6 again, for wall times on this machine
   translit      the teacher's vocabulary; the student's text in Latin script (anyascii)
   extend        8000 tokens learned from the training text added; new rows by alignment
   extend_fvt    the same, new rows by FVT
@@ -36,6 +37,7 @@ from common import LANGS, ROOT, add_common_args, binomial_ci, machine, save, tab
 from recipe1_embeddings import build_data, evaluate, run_polydistill
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "keep": ("teacher's vocabulary (recipe 1's pd6, rerun here)", {}),
     "translit": ("transliterated (anyascii), teacher's vocabulary", {"transliterate": "anyascii"}),
     "extend": ("extend +8k, aligned init", {"method": "extend", "init": "parallel"}),
     "extend_fvt": ("extend +8k, FVT init", {"method": "extend", "init": "fvt"}),
@@ -61,22 +63,28 @@ def main() -> None:
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--variants", default="translit,extend,new,new_fvt,translit_new,trim3")
     parser.add_argument("--eval-limit", type=int, help="test pairs per language (smoke runs only; results use all)")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the .md tables from the results file, run nothing")
+    parser.add_argument("--langs", help="ISO 639-3 codes of other languages (e.g. hin,kor,vie), for a run on data no recipe used")
+    parser.add_argument("--name", default="recipe1-vocabulary", help="results file name (docs/results/NAME.{json,md})")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
+    langs = {l: l for l in args.langs.split(",")} if args.langs else LANGS
 
     import torch
 
     torch.set_num_threads(args.threads)
-    work = (args.work or ROOT / "runs" / "benchmarks" / "recipe1-vocabulary").resolve()
+    work = (args.work or ROOT / "runs" / "benchmarks" / args.name).resolve()
     work.mkdir(parents=True, exist_ok=True)
     teacher = teacher_dir(args.teacher, work)
-    train, triples, evals = build_data(args.data, work, args.pairs, args.seed, args.eval_limit)
+    train, triples, evals = build_data(args.data, work, args.pairs, args.seed, args.eval_limit, langs)
     sentences = 2 * len(triples) * args.epochs
 
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "variants": {}}
-    previous = args.out / "recipe1-vocabulary.json"
+    previous = args.out / f"{args.name}.json"
     if previous.is_file():
         results["variants"] = json.loads(previous.read_text(encoding="utf-8"))["variants"]
+    if args.tables_only:
+        return save_tables(args, json.loads(previous.read_text(encoding="utf-8")), list(langs.values()))
     for variant in args.variants.split(","):
         base = variant.removesuffix("_x2")
         if base not in VARIANTS:
@@ -89,17 +97,18 @@ def main() -> None:
         with timer(info, "eval_s"):
             info["metrics"] = evaluate(model_dir, evals, args.threads)
         run_dir = model_dir.parent
-        info["coverage"] = json.loads((run_dir / "vocabulary" / "coverage.json").read_text())["train"]
-        info["build"] = json.loads((run_dir / "vocabulary" / "vocabulary.json").read_text())
+        if (run_dir / "vocabulary").is_dir():
+            info["coverage"] = json.loads((run_dir / "vocabulary" / "coverage.json").read_text())["train"]
+            info["build"] = json.loads((run_dir / "vocabulary" / "vocabulary.json").read_text())
         info.update(train_s=round(seconds, 1), sentences_per_s=round(sentences * epochs / args.epochs / seconds, 1))
         results["variants"][variant] = info
         print(f"[recipe1-vocabulary] {variant}: mean {info['metrics']['average']['mean']:.4f}, {seconds:.0f} s")
-        save_tables(args, results)
+        save_tables(args, results, list(langs.values()))
 
 
-def save_tables(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    langs = list(LANGS.values())
-    base = json.loads((args.out / "recipe1.json").read_text(encoding="utf-8"))["variants"]
+def save_tables(args: argparse.Namespace, results: dict[str, Any], langs: list[str]) -> None:
+    # recipe 1's baselines, on its languages only
+    base = json.loads((args.out / "recipe1.json").read_text(encoding="utf-8"))["variants"] if langs == list(LANGS.values()) else {}
     rows = []
     for key, name in BASELINES.items():
         if key in base:
@@ -107,20 +116,25 @@ def save_tables(args: argparse.Namespace, results: dict[str, Any]) -> None:
             avg = m["average"]["mean"]
             rows.append([name] + [m["per_language"][l]["mean"] for l in langs] + [avg, f"±{binomial_ci(avg, 1000 * len(langs)):.3f}",
                         f"{base[key]['train_s']:.0f}" if "train_s" in base[key] else "–", "–"])
-    for variant, info in results["variants"].items():
+    order = list(VARIANTS)
+    variants = sorted(results["variants"].items(), key=lambda kv: (order.index(kv[0].removesuffix("_x2")), kv[0]))
+    for variant, info in variants:
         base_name, x2 = (variant[:-3], True) if variant.endswith("_x2") else (variant, False)
         m = info["metrics"]
         avg = m["average"]["mean"]
         name = "polydistill, " + VARIANTS[base_name][0] + (", 2 epochs" if x2 else "")
+        size = f"{info['build']['new_size']:,} / {info['build']['parameters_after'] / 1e6:.1f}M" if "build" in info else "30,522 / 22.7M"
         rows.append([name] + [m["per_language"][l]["mean"] for l in langs] + [avg, f"±{binomial_ci(avg, 1000 * len(langs)):.3f}",
-                    f"{info['train_s']:.0f}", f"{info['build']['new_size']:,} / {info['build']['parameters_after'] / 1e6:.1f}M"])
+                    f"{info['train_s']:.0f}", size])
     md = table(["model"] + langs + ["mean", "95% CI (test)", "train s", "vocabulary / parameters"], rows)
     cov_rows = []
-    for variant, info in results["variants"].items():
+    for variant, info in variants:
+        if "coverage" not in info:
+            continue
         cov = info["coverage"]
         cov_rows.append([variant] + [f"{cov[l]['tokens_per_word_before']:.2f} → {cov[l]['tokens_per_word_after']:.2f}" for l in langs + ["en"]])
     md += "\n\nTokens per word on the training text, teacher's vocabulary → the student's:\n\n" + table(["variant"] + langs + ["en"], cov_rows)
-    save(args.out, "recipe1-vocabulary", results, md)
+    save(args.out, args.name, results, md)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from polydistill.config import load_config
 from polydistill.errors import ConfigError, DataError
 
 from conftest import PAIRS, StopAt, tiny_config, write_jsonl
+from polydistill.testing import with_fields
 
 #: The tiny parallel data in two scripts the tiny teacher's vocabulary has never seen.
 RUSSIAN = ["суп горячий", "я ем свежий хлеб", "сегодня мы варим макароны", "торт сладкий", "команда выиграла матч",
@@ -47,13 +48,7 @@ def script_config(models, scripts, tmp_path, vocabulary, task="sequence_classifi
         "training": {"epochs": 1, "learning_rate": 1e-3, "progress": False, "log_every": 1, "seed": 3},
         "output_dir": str(tmp_path / "run"),
     }
-    for key, value in overrides.items():
-        node = cfg
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return with_fields(cfg, **overrides)
 
 
 def plan_for(models, scripts, tmp_path, vocabulary, **overrides):

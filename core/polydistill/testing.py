@@ -44,6 +44,7 @@ __all__ = [
     "installed_plugins",
     "run_with_plugin",
     "tiny_config",
+    "with_fields",
     "write_jsonl",
     "write_tiny_data",
 ]
@@ -171,7 +172,12 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
         "training": {"epochs": 1, "learning_rate": 1e-3, "progress": False, "log_every": 1, "seed": 3},
         "output_dir": str(Path(tmp_path) / "run"),
     }
-    for key, value in overrides.items():
+    return with_fields(cfg, **overrides)
+
+
+def with_fields(cfg: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """``cfg`` with fields set by path, ``__`` between the parts (``training__max_steps=3``); changed in place."""
+    for key, value in fields.items():
         node = cfg
         *parents, last = key.split("__")
         for p in parents:

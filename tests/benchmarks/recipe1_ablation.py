@@ -23,9 +23,26 @@ import argparse
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from common import LANGS, ROOT, add_common_args, run_study, teacher_dir
 from recipe1_embeddings import build_data
+
+
+def study_base(teacher: Path, train: Path, evals: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Recipe 1's polydistill run with its 6-layer student, as the base config of a study (no seed, no output_dir)."""
+    return {
+        "task": "embedding",
+        "mode": "parallel",
+        "teachers": [{"model": str(teacher), "name": "minilm"}],
+        "student": {"from_teacher": {"teacher": "minilm", "layers": [0, 1, 2, 3, 4, 5]}},
+        "data": {"train": {"path": str(train), "columns": {"text": "text", "source": "source", "lang": "lang"}},
+                 "eval": evals, "batch_size": 2 * args.batch_pairs, "max_length": 128, "length_grouping": True},
+        "training": {"epochs": 1, "learning_rate": args.lr, "warmup_ratio": 0.1, "weight_decay": 0.01,
+                     "log_every": 25, "progress": False},
+        "plugins": {"kd": {"mse": 1.0, "normalize": True}},
+        "cache": {"enabled": False},
+    }
 
 
 def main() -> None:
@@ -50,18 +67,7 @@ def main() -> None:
     teacher = teacher_dir(args.teacher, work)
     # The data seed stays 0 (recipe 1's sample); the study's seeds change the training run.
     train, _, evals = build_data(args.data, work, args.pairs, 0, args.eval_limit)
-    base = {
-        "task": "embedding",
-        "mode": "parallel",
-        "teachers": [{"model": str(teacher), "name": "minilm"}],
-        "student": {"from_teacher": {"teacher": "minilm", "layers": [0, 1, 2, 3, 4, 5]}},
-        "data": {"train": {"path": str(train), "columns": {"text": "text", "source": "source", "lang": "lang"}},
-                 "eval": evals, "batch_size": 2 * args.batch_pairs, "max_length": 128, "length_grouping": True},
-        "training": {"epochs": 1, "learning_rate": args.lr, "warmup_ratio": 0.1, "weight_decay": 0.01,
-                     "log_every": 25, "progress": False},
-        "plugins": {"kd": {"mse": 1.0, "normalize": True}},
-        "cache": {"enabled": False},
-    }
+    base = study_base(teacher, train, evals, args)
     dictionaries = {lang: str(args.data / "muse" / f"en-{lang}.tsv") for lang in LANGS.values()}
     levels = {
         "base": {},

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, add_common_args, run_study, teacher_dir
+from recipe1_ablation import study_base
 from recipe1_embeddings import build_data
 
 
@@ -51,18 +52,8 @@ def main() -> None:
     work.mkdir(parents=True)
     teacher = teacher_dir(args.teacher, work)
     train, _, evals = build_data(args.data, work, args.pairs, 0, args.eval_limit)
-    base = {
-        "task": "embedding",
-        "mode": "parallel",
-        "teachers": [{"model": str(teacher), "name": "minilm"}],
-        "student": {"from_teacher": {"teacher": "minilm", "layers": [0, 1, 2, 3, 4, 5]}, "vocabulary": json.loads(args.vocabulary)},
-        "data": {"train": {"path": str(train), "columns": {"text": "text", "source": "source", "lang": "lang"}},
-                 "eval": evals, "batch_size": 2 * args.batch_pairs, "max_length": 128, "length_grouping": True},
-        "training": {"epochs": 1, "learning_rate": args.lr, "warmup_ratio": 0.1, "weight_decay": 0.01,
-                     "log_every": 25, "progress": False},
-        "plugins": {"kd": {"mse": 1.0, "normalize": True}},
-        "cache": {"enabled": False},
-    }
+    base = study_base(teacher, train, evals, args)
+    base["student"]["vocabulary"] = json.loads(args.vocabulary)
     levels = {init: {"student.vocabulary.init": init} for init in ("random", "fvt", "parallel")}
     run_study("tatoeba-vocabulary-init", base, levels, work, args.out / "recipe1-vocabulary-ablation", args, {}, begin, axis="init")
 

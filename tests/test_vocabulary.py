@@ -237,6 +237,15 @@ def test_parallel_init_puts_a_token_near_the_source_word_it_translates(models, t
     assert cos(row, wind, dim=0) > 0.8 > cos(row, soup, dim=0)
 
 
+def test_the_default_init_aligns_where_the_run_has_parallel_pairs(models, scripts, tmp_path):
+    cfg, tok, ds = plan_for(models, scripts, tmp_path, {"method": "extend", "size": 300, "min_frequency": 1})
+    assert cfg.student.vocabulary.init == "auto" and V.init_method(cfg) == "parallel"
+    built = V.build_vocabulary(cfg, AutoModelForSequenceClassification.from_pretrained(str(models["teacher"])), tok, ds)
+    assert built.info["init"] == "parallel" and built.info["aligned"] > 0
+    same = load_config(script_config(models, scripts, tmp_path, {"method": "extend"}, mode="same"))
+    assert V.init_method(same) == "fvt"
+
+
 def test_ibm_model1_learns_a_one_to_one_lexicon():
     # target 0,1,2 translate source 10,11,12; each pair holds two of them
     pairs = [([0, 1], [10, 11]), ([1, 2], [11, 12]), ([0, 2], [10, 12])] * 5

@@ -68,11 +68,12 @@ def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str |
     per_lang = metrics.get("per_language", {})
     langs = sorted(per_lang)
     names = sorted({k for m in per_lang.values() for k in m})
+    tags = set(langs) | set(vocabulary.info.get("languages", {}) if vocabulary is not None else ())  # the vocabulary's languages
     lines = [
         "---",
         "library_name: transformers",
         "tags: [polydistill, knowledge-distillation, cross-lingual]",
-        f"language: [{', '.join(l for l in langs if l != 'und')}]",
+        f"language: [{', '.join(sorted(t for t in tags if t != 'und'))}]",
         "---",
         "",
         "# Student distilled with polydistill",
@@ -90,7 +91,7 @@ def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str |
                "new": f"a new {vc.model} tokenizer learned from the training text"}[vc.method]
         lines += ["## Vocabulary", "", f"{how[0].upper() + how[1:]}"
                   + ("; text is transliterated to Latin script (anyascii) by the tokenizer's normalizer" if vc.transliterate != "none" else "")
-                  + f". New token rows: `{vc.init}` initialisation.", "", vocabulary.summary() + ".", "",
+                  + f". New token rows: `{vocabulary.info.get('init', vc.init)}` initialisation.", "", vocabulary.summary() + ".", "",
                   vocabulary.markdown(), ""]
     if langs:
         lines += ["## Evaluation", "", "| language | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]

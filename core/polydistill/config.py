@@ -91,9 +91,11 @@ class VocabularyConfig(_Strict):
         "normalizer, so `AutoTokenizer` reads text as the student was trained. Covers every 128-code-point block of a "
         "character in the training text (only the characters seen for CJK and Hangul syllables).",
     )
-    init: Literal["random", "fvt", "parallel"] = Field(
-        "fvt",
-        description="Rows of tokens the old vocabulary lacks. `random`: N(0, the model's initializer_range). `fvt`: the mean of "
+    init: Literal["auto", "random", "fvt", "parallel"] = Field(
+        "auto",
+        description="Rows of tokens the old vocabulary lacks. `auto`: `parallel` in mode `parallel`, else `fvt` (on recipe 1, "
+        "random and FVT rows scored below the teacher's vocabulary after an epoch; aligned rows far above it). "
+        "`random`: N(0, the model's initializer_range). `fvt`: the mean of "
         "the rows of the old tokenizer's pieces of the token (Gee et al. 2022). `parallel`: a weighted mean of the rows of "
         "the source tokens the token translates to, by IBM Model 1 alignment of the parallel training pairs "
         "(target side with the new tokenizer, source side with the old); tokens seen fewer than `min_alignments` times fall back to `fvt`.",

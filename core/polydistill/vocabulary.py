@@ -560,8 +560,15 @@ def _aligned_rows(plan: Plan, vc: VocabularyConfig, weight: torch.Tensor) -> tup
     return rows, {"aligned": len(rows), "pairs": len(pairs)}
 
 
-def initial_rows(plan: Plan, weight: torch.Tensor, vc: VocabularyConfig, std: float, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The embedding matrix of the new vocabulary: kept tokens' old rows, new tokens' rows by ``vc.init``."""
+def init_method(config: Config) -> str:
+    """``student.vocabulary.init`` with ``auto`` resolved: aligned rows where the run has parallel pairs."""
+    init = config.student.vocabulary.init
+    return ("parallel" if config.mode == "parallel" else "fvt") if init == "auto" else init
+
+
+def initial_rows(plan: Plan, weight: torch.Tensor, vc: VocabularyConfig, std: float, seed: int,
+                 init: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The embedding matrix of the new vocabulary: kept tokens' old rows, new tokens' rows by ``init``."""
     weight = weight.detach().float().cpu()
     new = torch.empty(len(plan.old_ids), weight.size(1))
     gen = torch.Generator().manual_seed(seed)
@@ -569,15 +576,15 @@ def initial_rows(plan: Plan, weight: torch.Tensor, vc: VocabularyConfig, std: fl
     kept = [(i, j) for i, j in enumerate(plan.old_ids) if j is not None and j < len(weight)]
     if kept:
         new[[i for i, _ in kept]] = weight[[j for _, j in kept]]
-    stats: dict[str, Any] = {"init": vc.init, "random": 0, "fvt": 0}
+    stats: dict[str, Any] = {"init": init, "random": 0, "fvt": 0}
     todo = [i for i in plan.new_tokens]
-    if vc.init == "parallel":
+    if init == "parallel":
         rows, info = _aligned_rows(plan, vc, weight)
         stats.update(info)
         for i, row in rows.items():
             new[i] = row
         todo = [i for i in todo if i not in rows]
-    if vc.init in ("fvt", "parallel"):
+    if init in ("fvt", "parallel"):
         pieces = _fvt_pieces(plan)
         for i in todo:
             ids = [j for j in pieces.get(i, []) if j < len(weight)]
@@ -659,7 +666,7 @@ def build_vocabulary(config: Config, model: nn.Module | None, tokenizer: Any, da
         before = sum(p.numel() for p in model.parameters())
         weight = model.get_input_embeddings().weight
         std = float(getattr(model.config, "initializer_range", 0.02))
-        rows, stats = initial_rows(plan, weight, vc, std, seed)
+        rows, stats = initial_rows(plan, weight, vc, std, seed, init_method(config))
         apply_rows(model, rows, plan.tokenizer.pad_token_id)
         info.update(stats, parameters_before=before, parameters_after=sum(p.numel() for p in model.parameters()))
     cov = {"train": compare_coverage(plan.old_tokenizer, plan.tokenizer, plan.corpus)}

@@ -119,6 +119,10 @@ def test_trim_keeps_single_characters_so_unseen_words_do_not_become_unk(models, 
     new = V.build_tokenizer(cfg, tok, ds).tokenizer
     word = "trainers"  # in the tiny vocabulary's alphabet, not in the training text
     assert new.unk_token not in new.tokenize(word)
+    singles = {t for t in tok.get_vocab() if len(t.removeprefix("##")) == 1}
+    assert singles <= set(new.get_vocab())
+    unkept = V.build_tokenizer(load_config(with_fields(script_config(models, scripts, tmp_path, {"method": "trim", "keep_characters": False}))), tok, ds)
+    assert not singles <= set(unkept.tokenizer.get_vocab())
 
 
 def test_trim_refuses_keep_tokens_the_tokenizer_lacks(models, scripts, tmp_path):

@@ -79,7 +79,7 @@ class VocabularyConfig(_Strict):
     )
     include_source: bool = Field(True, description="`new`: learn from the teachers' side (`columns.source`) of parallel data too.")
     sample: int | None = Field(None, ge=1, description="Use at most this many training rows per language (sampled with `seed`); default: all rows.")
-    min_frequency: int = Field(2, ge=1, description="`extend` and `new`: a token must occur this often in the sampled text to be learned.")
+    min_frequency: int = Field(2, ge=1, description="`extend` and `new` (WordPiece, BPE; Unigram prunes by likelihood instead): a token must occur this often in the sampled text to be learned.")
     keep: list[str] = Field(default_factory=list, description="`trim`: tokens kept even when the training text does not use them (special tokens always are).")
     keep_characters: bool = Field(
         True, description="`trim`: keep every single-character token (letters, digits, punctuation), so unseen words split into characters instead of `[UNK]`."

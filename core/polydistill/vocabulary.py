@@ -163,8 +163,7 @@ def _surface(token: str, marker: tuple[str, str]) -> tuple[str, bool]:
     return token, True
 
 
-def _reindex(spec: dict[str, Any], tokens: list[str], scores: dict[str, float] | None = None,
-             merges: list[list[str]] | None = None) -> dict[str, Any]:
+def _reindex(spec: dict[str, Any], tokens: list[str], scores: dict[str, float] | None = None) -> dict[str, Any]:
     """``spec`` with the model's vocabulary replaced by ``tokens`` (new id = position) and every id that names a token updated."""
     spec = json.loads(json.dumps(spec))
     new_id = {t: i for i, t in enumerate(tokens)}
@@ -177,8 +176,6 @@ def _reindex(spec: dict[str, Any], tokens: list[str], scores: dict[str, float] |
         model["unk_id"] = new_id[unk] if unk is not None else None
     else:
         model["vocab"] = new_id
-        if model["type"] == "BPE":
-            model["merges"] = merges if merges is not None else model["merges"]
     for added in spec.get("added_tokens") or []:
         if added["content"] not in new_id:
             raise ConfigError(f"student.vocabulary: special token {added['content']!r} would be lost")

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 #: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState): a plugin made for
-#: MAJOR.MINOR runs on any MAJOR.N with N >= MINOR. 1.1: ``TrainState.forward_student``.
-API_VERSION = "1.1"
+#: MAJOR.MINOR runs on any MAJOR.N with N >= MINOR. 1.1: ``TrainState.forward_student``. 1.2: ``Trainable``
+#: (a plugin module's own learning rate and clipping), ``ModelOutputs.layer_mask``.
+API_VERSION = "1.2"
 
 from polydistill.errors import (  # noqa: E402
     CheckpointError,
@@ -31,6 +32,7 @@ _LAZY = {
     "PluginSettings": "polydistill.config",
     "Batch": "polydistill.batch",
     "ModelOutputs": "polydistill.batch",
+    "Trainable": "polydistill.batch",
     "TrainState": "polydistill.loop",
     "forward": "polydistill.models",
     "evaluate_model": "polydistill.evaluation",
@@ -56,6 +58,7 @@ __all__ = [
     "PolydistillWarning",
     "RunResult",
     "TrainState",
+    "Trainable",
     "__version__",
     "ablate",
     "evaluate",
@@ -78,7 +81,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from polydistill.api import RunResult, evaluate, train
-    from polydistill.batch import Batch, ModelOutputs
+    from polydistill.batch import Batch, ModelOutputs, Trainable
     from polydistill.config import Config, PluginSettings, load_config
     from polydistill.evaluation import evaluate_model
     from polydistill.models import forward

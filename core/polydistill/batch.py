@@ -1,4 +1,4 @@
-"""The objects hooks exchange: a training batch and a model's outputs."""
+"""The objects hooks exchange: a training batch, a model's outputs, a trainable plugin module."""
 
 from __future__ import annotations
 
@@ -120,4 +120,35 @@ class ModelOutputs:
     attentions: tuple[torch.Tensor, ...] | None = None
     mask: torch.Tensor | None = None
     word_mask: torch.Tensor | None = None
+    #: ``(B,)`` bool, teacher outputs only: the samples whose ``hidden_states`` and
+    #: ``attentions`` come from a teacher that teaches them (per-layer outputs are
+    #: one teacher's; a sample routed to other teachers must not learn them). None: all.
+    layer_mask: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Trainable:
+    """A module from ``trainable_modules`` with its own optimizer settings.
+
+    A bare module joins the student's parameter groups: its learning rate,
+    weight decay and gradient clipping. Wrapped in ``Trainable`` it gets a
+    parameter group of its own: ``learning_rate`` and ``weight_decay`` (None:
+    the student's), and its gradient norm clipped on its own at
+    ``max_grad_norm`` (None: not clipped), never together with the student's.
+    The learning-rate schedule (warm-up, decay) scales every group alike.
+    Since API 1.2.
+    """
+
+    module: Any
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"Trainable.{name} must be > 0, got {value}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"Trainable.weight_decay must be >= 0, got {self.weight_decay}")

@@ -29,7 +29,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from polydistill.batch import Batch, ModelOutputs
+    from polydistill.batch import Batch, ModelOutputs, Trainable
     from polydistill.loop import TrainState
 
 PROJECT = "polydistill"
@@ -56,7 +56,7 @@ LIFECYCLE_HOOKS = (
 
 
 @hookspec
-def trainable_modules(state: TrainState) -> dict[str, torch.nn.Module] | None:
+def trainable_modules(state: TrainState) -> dict[str, torch.nn.Module | Trainable] | None:
     """Return extra modules whose parameters the student's optimizer trains.
 
     Called once, after the teachers and student are loaded and before the
@@ -65,7 +65,12 @@ def trainable_modules(state: TrainState) -> dict[str, torch.nn.Module] | None:
 
     The core places the modules on the run's device, adds their parameters to
     the optimizer, and saves and restores their weights with each checkpoint,
-    so the plugin does not also return them from ``state_dict``.
+    so the plugin does not also return them from ``state_dict``. A bare module
+    shares the student's learning rate, weight decay and gradient clipping; a
+    module wrapped in ``polydistill.Trainable(module, learning_rate=...,
+    weight_decay=..., max_grad_norm=...)`` gets its own parameter group and is
+    clipped on its own (a learned temperature moves little at a transformer's
+    learning rate). The LR schedule scales every group alike.
 
     Combining: every plugin's dict is collected; names are made unique by
     prefixing the plugin name (``"kd.projection"``). Return None for none.

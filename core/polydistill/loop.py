@@ -27,7 +27,7 @@ from torch import nn
 from polydistill import checkpoint as ckpt
 from polydistill import models as M
 from polydistill import vocabulary as V
-from polydistill.batch import Batch, ModelOutputs
+from polydistill.batch import Batch, ModelOutputs, Trainable
 from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
 from polydistill.config import Config, load_config
 from polydistill.data import Collator, load_sources, make_loader
@@ -171,15 +171,22 @@ class Trainer:
         state.total_steps = self._total_steps()
 
         # Plugin modules join the student's optimizer; then everything is placed.
+        own: dict[str, Trainable] = {}  # modules with their own optimizer settings
         for plugin, mods in self.host.per_plugin("trainable_modules", state=state).items():
             for name, module in mods.items():
-                state.modules[f"{plugin}.{name}"] = module
+                key = f"{plugin}.{name}"
+                if isinstance(module, Trainable):
+                    own[key.replace(".", "__")], module = module, module.module
+                if not isinstance(module, nn.Module):
+                    raise PluginError(f"trainable_modules returned {type(module).__name__} for '{name}'; expected a torch "
+                                      "nn.Module or polydistill.Trainable", plugin=plugin, hook="trainable_modules")
+                state.modules[key] = module
         # Plugin modules are called outside the student's forward, so DDP must not wrap
         # them: they are placed, their gradients averaged in step(), their weights
         # checkpointed by the core. Teachers are placed, not prepared, so checkpoints
         # do not carry frozen copies of them.
         self.plugin_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in state.modules.items()}).to(acc.device)
-        state.optimizer = self._optimizer(student, self.plugin_modules)
+        state.optimizer = self._optimizer(student, self.plugin_modules, own)
         state.student, state.optimizer = acc.prepare(student, state.optimizer)
         state.teachers = [t.to(acc.device) for t in teachers]
         state.scheduler = self._scheduler(state.optimizer)
@@ -223,14 +230,27 @@ class Trainer:
             raise ConfigError("training.max_steps: required when the training data is streamed") from None
         return math.ceil(per_epoch / tc.gradient_accumulation_steps) * tc.epochs
 
-    def _optimizer(self, student: nn.Module, extra: nn.Module) -> torch.optim.Optimizer:
+    def _optimizer(self, student: nn.Module, extra: nn.ModuleDict, own: dict[str, Trainable]) -> torch.optim.Optimizer:
+        """AdamW/Adam/SGD over the student and plugin modules; a ``Trainable`` gets groups of its own."""
         tc = self.config.training
-        decay, no_decay = [], []
-        for module in (student, extra):
-            for name, p in module.named_parameters():
+
+        def split(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+            decay, no_decay = [], []
+            for name, p in named:
                 if p.requires_grad:
                     (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+            return decay, no_decay
+
+        shared = [(n, p) for n, p in extra.named_parameters() if n.split(".", 1)[0] not in own]
+        decay, no_decay = split([*student.named_parameters(), *shared])
         groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        for key, t in own.items():
+            # "max_grad_norm" in a group marks it as clipped on its own (see _update)
+            mine = {"lr": t.learning_rate or tc.learning_rate, "max_grad_norm": t.max_grad_norm, "module": key}
+            d, nd = split(extra[key].named_parameters())
+            groups += [{"params": d, "weight_decay": tc.weight_decay if t.weight_decay is None else t.weight_decay, **mine},
+                       {"params": nd, "weight_decay": 0.0, **mine}]
+        groups = groups[:2] + [g for g in groups[2:] if g["params"]]
         if tc.optimizer == "sgd":
             cls, kwargs = torch.optim.SGD, {"lr": tc.learning_rate, "momentum": 0.9}
         else:
@@ -407,9 +427,15 @@ class Trainer:
             for p in self.plugin_modules.parameters():
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
-        if self.config.training.max_grad_norm:
-            params = [p for g in state.optimizer.param_groups for p in g["params"]]
+        groups = state.optimizer.param_groups
+        if self.config.training.max_grad_norm:  # accelerate unscales fp16 gradients here, once per step
+            params = [p for g in groups if "max_grad_norm" not in g for p in g["params"]]
             acc.clip_grad_norm_(params, self.config.training.max_grad_norm)
+        own = {g["module"]: g["max_grad_norm"] for g in groups if g.get("max_grad_norm")}
+        if own and not self.config.training.max_grad_norm:
+            acc.unscale_gradients()
+        for key, norm in own.items():  # plugin modules are not DDP-wrapped: plain torch clipping
+            torch.nn.utils.clip_grad_norm_(list(self.plugin_modules[key].parameters()), norm)
         state.optimizer.step()
         if not acc.optimizer_step_was_skipped:
             state.scheduler.step()

@@ -277,3 +277,44 @@ def test_cache_for_word_level_logits_and_embeddings(models, tmp_path, task):
     assert calls.per_epoch == {0: batches}
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_cached_token_logits_survive_truncation(models, tmp_path, padding_side):
+    """A batch whose longest sentence is cut by max_length trains alike with the cache on and off.
+
+    Each cached row holds only its surviving words; the batch's word mask is as
+    wide as its longest sentence, so cached logits are padded back to it (issue 14).
+    With left padding, trimming all-padding columns must not shift word positions.
+    """
+    long = "the soup with bread and cheese is on the table in the kitchen of the house by the sea".split()
+    assert len(long) == 19
+    path = write_jsonl(tmp_path / "rows.jsonl", [
+        {"words": long, "tags": ["O"] * 19}, {"words": ["good", "bread"], "tags": ["O", "B-FOOD"]},
+        {"words": ["soup", "is", "hot"], "tags": ["B-FOOD", "O", "O"]}, {"words": ["cheese"], "tags": ["B-FOOD"]},
+    ])
+    tok_dir = tmp_path / "tok"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(models["tagger"]))
+    tok.padding_side = padding_side
+    tok.save_pretrained(tok_dir)
+
+    def cfg(name, cache):
+        out = {"task": "token_classification", "teachers": [{"model": str(models["tagger"]), "tokenizer": str(tok_dir)}],
+               "student": {"from_teacher": {"layers": [1]}, "tokenizer": str(tok_dir)},
+               "data": {"train": {"path": str(path), "columns": {"text": "words", "label": "tags"}}, "batch_size": 2,
+                        "max_length": 8, "shuffle": False},
+               "training": {"epochs": 2, "learning_rate": 1e-3, "progress": False, "seed": 3},
+               "output_dir": str(tmp_path / name)}
+        if cache:
+            out["cache"] = {"enabled": True, "dir": str(tmp_path / "cache")}
+        return out
+
+    warm = cfg("warm", True)  # the long row alone: the main run's batches then mix cached and new rows
+    warm["data"]["train"]["path"] = str(write_jsonl(tmp_path / "long.jsonl", [{"words": long, "tags": ["O"] * 19}]))
+    _train(warm)
+    plain = _weights(_train(cfg("plain", False)))
+    cached = _weights(_train(cfg("cached", True)))  # epoch 0 fills the rest of the cache, epoch 1 reads it
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-6, msg=key)

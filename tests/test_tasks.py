@@ -171,3 +171,38 @@ def test_normalized_mse_is_the_cosine_loss_rescaled(models, tmp_path):
     assert len(history) == 3
     for row in history:
         assert row["loss/mse"] * width / 2 == pytest.approx(row["loss/cosine"], rel=1e-5)
+
+
+def test_default_fusion_gives_a_word_only_teachers_that_read_it(models, tmp_path):
+    """Two token teachers without multi_teacher: a word one teacher lost to max_length is the other's alone.
+
+    The finer tokenizer reaches max_length words earlier; before, its logits at
+    the first sub-word (position 0, [CLS]) were averaged into those words (issue 14).
+    """
+    from polydistill.loop import Trainer
+    from polydistill.tiny import train_tokenizer
+
+    from conftest import TEXTS
+
+    fine = train_tokenizer(TEXTS, vocab_size=80, lowercase=False)
+    fine.save_pretrained(tmp_path / "fine")
+    words = "soup bread the is on the table".split()
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"words": words}, {"words": ["good", "bread"]}])
+    trainer = Trainer({
+        "task": "token_classification",
+        "teachers": [{"model": str(models["tagger"]), "name": "coarse"},
+                     {"model": str(models["tagger"]), "tokenizer": str(tmp_path / "fine"), "name": "fine"}],
+        "student": {"from_teacher": {"layers": [1]}},
+        "data": {"train": {"path": str(path), "columns": {"text": "words"}}, "batch_size": 2, "max_length": 8, "shuffle": False},
+        "training": {"max_steps": 1, "progress": False},
+        "output_dir": str(tmp_path / "run"),
+    })
+    batch = next(iter(trainer.loader.iterate(0)))
+    coarse, fine_out = trainer.run_teacher(0, batch), trainer.run_teacher(1, batch)
+    lost = coarse.word_mask & ~fine_out.word_mask
+    both = coarse.word_mask & fine_out.word_mask
+    assert lost.any() and both.any()  # the case under test happens
+    fused = trainer.teacher_forward(batch)
+    torch.testing.assert_close(fused.logits[lost], coarse.logits[lost])
+    torch.testing.assert_close(fused.logits[both], (coarse.logits[both] + fine_out.logits[both]) / 2)
+    assert torch.equal(fused.word_mask, coarse.word_mask | fine_out.word_mask)

@@ -308,6 +308,13 @@ class Trainer:
             return self._teacher_forward(i, batch.teacher_inputs[i], batch.teacher_words[i])
         texts = batch.teacher_texts
         found = cache.lookup(texts)
+        mask = None if batch.teacher_words[i] is None else batch.teacher_words[i] >= 0
+        if mask is not None:  # an entry must hold one row per word the teacher reads
+            counts = mask.sum(1).tolist()
+            for j, a in enumerate(found):
+                if a is not None and len(a) != counts[j]:
+                    warn(f"teacher cache {cache.path}: an entry holds {len(a)} words where the teacher reads {counts[j]}; recomputed")
+                    found[j] = None
         keys = [t if isinstance(t, str) else tuple(t) for t in texts]  # word lists (token tasks) as tuples
         # A text repeated in the batch (both sides of a parallel pair read the same
         # source) is run once.
@@ -319,27 +326,29 @@ class Trainer:
             rows = torch.tensor([first[k] for k in todo], device=state.device)
             inputs = {k: v.index_select(0, rows) for k, v in batch.teacher_inputs[i].items()}
             words = batch.teacher_words[i]
-            if "attention_mask" in inputs:  # drop columns that are padding for every selected row
-                width = int(inputs["attention_mask"].sum(1).max())
-                inputs = {k: v[:, :width] if v.dim() == 2 else v for k, v in inputs.items()}
-            out = self._teacher_forward(i, inputs, None if words is None else words.index_select(0, rows))
+            words = None if words is None else words.index_select(0, rows)
+            if "attention_mask" in inputs:
+                inputs, words = _trim_padding(inputs, words)
+            out = self._teacher_forward(i, inputs, words)
             value = (out.embeddings if out.embeddings is not None else out.logits).float().cpu().numpy()
-            if out.word_mask is not None:
-                lens = out.word_mask.sum(1).cpu().tolist()
-                new = [v[:n] for v, n in zip(value, lens)]
+            if out.word_mask is not None:  # only the words that survive max_length, in order
+                keep = out.word_mask.cpu().numpy()
+                new = [v[m] for v, m in zip(value, keep)]
             else:
                 new = list(value)
             cache.put_many([texts[first[t]] for t in todo], new)
             computed = dict(zip(todo, new))
             found = [a if a is not None else computed[k] for k, a in zip(keys, found)]
-        value = stack_padded(found, state.device)
         if self.config.task == "embedding":
-            return ModelOutputs(embeddings=value)
-        out = ModelOutputs(logits=value)
-        if batch.teacher_words[i] is not None:
-            out.word_mask = batch.teacher_words[i] >= 0
-            out.logits = out.logits[:, : out.word_mask.size(1)]
-        return out
+            return ModelOutputs(embeddings=stack_padded(found, state.device))
+        if mask is None:
+            return ModelOutputs(logits=stack_padded(found, state.device))
+        # Word-level rows hold their surviving words only; put each back at its word's
+        # place, as wide as the batch's word mask (its longest sentence, cut or not).
+        logits = torch.zeros(*mask.shape, found[0].shape[-1], device=state.device)
+        for row, values in enumerate(found):
+            logits[row, mask[row]] = torch.tensor(values, dtype=torch.float32, device=state.device)
+        return ModelOutputs(logits=logits, word_mask=mask)
 
     def _teacher_forward(self, i: int, inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> ModelOutputs:
         state = self.state
@@ -361,14 +370,24 @@ class Trainer:
         fused = ModelOutputs(mask=outs[0].mask if 0 in outs else None, extra={"teachers": active})
         if 0 in outs:
             fused.hidden_states, fused.attentions = outs[0].hidden_states, outs[0].attentions
+            w0 = weights[..., 0]
+            if w0.dim():  # per-layer outputs are teacher 0's: samples routed away from it must not learn them
+                fused.layer_mask = (w0 != 0).reshape(len(batch), -1).any(-1)
         field_name = "embeddings" if self.config.task == "embedding" else "logits"
-        total = None
-        for i in active:
-            value, w = getattr(outs[i], field_name), weights[..., i]
-            scaled = value * (w.view(-1, *[1] * (value.dim() - 1)) if w.dim() else w)
-            total = scaled if total is None else total + scaled
-        setattr(fused, field_name, total)
-        fused.word_mask = outs[active[0]].word_mask
+        values = {i: getattr(outs[i], field_name) for i in active}
+        shape = (len(batch), *[1] * (values[active[0]].dim() - 1))
+        scale = {i: (weights[..., i].view(shape) if weights[..., i].dim() else weights[..., i]) for i in active}
+        if outs[active[0]].word_mask is None:
+            setattr(fused, field_name, sum(scale[i] * values[i] for i in active))
+            return fused
+        # Token tasks: a teacher that lost a word to max_length (its tokenizer splits finer)
+        # has no logits there; its weight goes to the teachers that have the word.
+        width = min(outs[i].word_mask.size(1) for i in active)
+        has = {i: outs[i].word_mask[:, :width].unsqueeze(-1).to(values[i].dtype) for i in active}
+        present = sum(scale[i] * has[i] for i in active)
+        total = sum(scale[i] for i in active) * torch.ones_like(present)
+        fused.logits = sum(scale[i] * has[i] * values[i][:, :width] for i in active) * (total / present.clamp(min=1e-12))
+        fused.word_mask = present.squeeze(-1) > 0
         return fused
 
     def step(self, batch: Batch, group_size: int = 1, sync: bool = True) -> dict[str, float]:
@@ -650,6 +669,18 @@ class NonFiniteLoss(Exception):
     def __init__(self, message: str, plugin: str | None):
         super().__init__(message)
         self.plugin = plugin
+
+
+def _trim_padding(inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Drop the columns that are padding in every row (left or right), shifting word positions alike."""
+    used = inputs["attention_mask"].bool().any(0).nonzero().flatten()
+    if not len(used):
+        return inputs, words
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    inputs = {k: v[:, lo:hi] if v.dim() == 2 else v for k, v in inputs.items()}
+    if words is not None and lo:
+        words = torch.where(words >= 0, words - lo, words)
+    return inputs, words
 
 
 def _scalar(value: torch.Tensor) -> str:

@@ -7,17 +7,21 @@ forward passes. What it can do (see ``docs/plugins/adaptive_temperature.md``):
 
 - a schedule: ``constant``, ``linear`` or ``cosine`` annealing from ``start``
   to ``end``, after ``warmup_steps`` held at ``start``;
-- a per-sample temperature from the teacher's confidence:
-  ``T_i = clamp(base · f(h_i), min_temperature, max_temperature)`` with ``h_i``
-  the normalised entropy of the teacher's distribution and ``f`` linear from
-  ``scale_confident`` (h = 0) to ``scale_uncertain`` (h = 1);
-- the sample weightings TextBrewer names ``flsw`` and ``cwsm`` (Wen et al.
-  2019, "Preparing Lessons"), normalised to mean 1 and detached;
+- a per-sample temperature (``per_sample``), clamped to
+  ``[min_temperature, max_temperature]``: ``entropy``,
+  ``T_i = base · f(h_i)`` with ``h_i`` the normalised entropy of the teacher's
+  distribution and ``f`` linear from ``scale_confident`` (h = 0) to
+  ``scale_uncertain`` (h = 1); or TextBrewer's dynamic temperatures ``flsw`` and
+  ``cwsm`` (Wen et al. 2019, "Preparing Lessons"),
+  ``T_i = base + beta · (mean(w) - w_i)``;
+- the same flsw/cwsm values as per-sample loss weights (``weighting:
+  flsw_weight | cwsm_weight``), normalised to mean 1 and detached;
 - a learnable temperature (Curriculum Temperature for KD, Li et al. 2023):
   one global parameter or a small MLP on the teacher and student logits,
   squashed into ``[min_temperature, max_temperature]`` by a sigmoid and
   trained adversarially through a gradient reversal layer whose strength
-  ``lambda`` follows a cosine curriculum.
+  ``lambda`` follows a cosine curriculum, with its own learning rate
+  (``temperature_lr``) and gradient clipping.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ class Settings(PluginSettings):
         None, ge=1, description="Length of the schedule in optimizer steps, warm-up included; default: the run's total steps."
     )
     warmup_steps: int = Field(0, ge=0, description="Steps held at `start` before annealing begins.")
-    per_sample: Literal["off", "entropy"] = Field(
-        "off", description="`entropy`: scale the scheduled temperature per sample by the teacher's confidence."
+    per_sample: Literal["off", "entropy", "flsw", "cwsm"] = Field(
+        "off",
+        description="Per-sample temperature: `entropy` scales the scheduled one by the teacher's confidence; `flsw` / `cwsm` "
+        "are TextBrewer's dynamic temperatures, T_i = T + beta·(mean w - w_i).",
     )
     scale_confident: float = Field(
         1.5, gt=0, description="Factor on the scheduled temperature for a one-hot teacher distribution (normalised entropy 0)."
@@ -61,8 +67,13 @@ class Settings(PluginSettings):
     scale_uncertain: float = Field(
         0.5, gt=0, description="Factor on the scheduled temperature for a uniform teacher distribution (normalised entropy 1)."
     )
-    weighting: Literal["off", "flsw", "cwsm"] = Field(
-        "off", description="Per-sample weights for kd's terms: flsw (student-teacher distance) or cwsm (low confidence weighs more)."
+    beta: float = Field(
+        1.0, ge=0, description="Strength of the flsw/cwsm temperature: T_i = T + beta·(mean w - w_i) (TextBrewer's `beta`)."
+    )
+    weighting: Literal["off", "flsw_weight", "cwsm_weight"] = Field(
+        "off",
+        description="Per-sample loss weights for kd's terms from the flsw value (student-teacher distance) or the cwsm value "
+        "(low confidence weighs more).",
     )
     flsw_gamma: float = Field(2.0, ge=0, description="flsw exponent: w = (1 - cos(student logits, teacher logits))^gamma.")
     cwsm_confidence: Literal["student", "teacher"] = Field(
@@ -78,6 +89,23 @@ class Settings(PluginSettings):
     lambda_min: float = Field(0.0, ge=0, description="Gradient-reversal strength at the first step (CTKD curriculum).")
     lambda_max: float = Field(1.0, ge=0, description="Gradient-reversal strength reached at step `lambda_steps` - 1.")
     lambda_steps: int | None = Field(None, ge=1, description="Length of the cosine lambda curriculum; default: the run's total steps.")
+    temperature_lr: float = Field(
+        0.05, gt=0, description="Learning rate of the learned temperature (its own parameter group); CTKD trains it at 0.05."
+    )
+    temperature_max_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the learned temperature's gradient norm on its own at this value; `null`: not clipped (as CTKD)."
+    )
+
+    @field_validator("weighting", mode="before")
+    @classmethod
+    def _renamed_weighting(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in ("flsw", "cwsm"):
+            raise ValueError(
+                f"{value} now names TextBrewer's per-sample temperature, not a loss weight; for the per-sample loss weights "
+                f"this option used to give, write weighting: {value}_weight; for TextBrewer's temperature "
+                f"T_i = T + beta·(mean w - w_i), write per_sample: {value} (and beta)"
+            )
+        return value
 
     @field_validator("max_temperature")
     @classmethod
@@ -160,16 +188,31 @@ def normalised_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -
     return _per_sample(h, mask)
 
 
-def flsw_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Raw flsw weights: (1 - cos(student logits, teacher logits))^gamma per sample (Wen et al. 2019)."""
+def flsw_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """flsw: (1 - cos(student logits, teacher logits))^gamma per logit vector (Wen et al. 2019, as TextBrewer computes it)."""
     cos = (F.normalize(student_logits.float(), dim=-1) * F.normalize(teacher_logits.float(), dim=-1)).sum(-1)
-    return _per_sample((1 - cos).clamp(min=0) ** gamma, mask)
+    return (1 - cos).clamp(min=0) ** gamma
 
 
-def cwsm_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Raw cwsm weights: 1 / (max softmax probability + 0.001) per sample (Wen et al. 2019)."""
-    top = torch.softmax(logits.float(), dim=-1).max(-1).values
-    return _per_sample(1.0 / (top + 1e-3), mask)
+def cwsm_values(logits: torch.Tensor) -> torch.Tensor:
+    """cwsm: 1 / (max softmax probability + 0.001) per logit vector (Wen et al. 2019, as TextBrewer computes it)."""
+    return 1.0 / (torch.softmax(logits.float(), dim=-1).max(-1).values + 1e-3)
+
+
+def dynamic_temperature(values: torch.Tensor, base: float, beta: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TextBrewer's flsw/cwsm temperature ``base + beta · (mean(w) - w)``, unclamped, one per sample.
+
+    ``values`` are ``(B,)`` or per word ``(B, W)``; the mean runs over the batch
+    (over its valid words, as TextBrewer's over its selected tokens), and per-word
+    temperatures are averaged over each sample's valid words.
+    """
+    w = values.detach().float()
+    if w.dim() == 1:
+        mean = w.mean()
+    else:
+        m = torch.ones_like(w) if mask is None else mask.to(w.dtype)
+        mean = (w * m).sum() / m.sum().clamp(min=1)
+    return _per_sample(base + beta * (mean - w), mask)
 
 
 def normalise_weights(raw: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
@@ -225,7 +268,7 @@ class InstanceTemperature(nn.Module):
 
 
 class AdaptiveTemperature:
-    """Scheduled, confidence-based or learned (CTKD) KD temperatures, and flsw/cwsm sample weights."""
+    """Scheduled, per-sample (entropy, flsw, cwsm) or learned (CTKD) KD temperatures, and flsw/cwsm sample weights."""
 
     polydistill_api = polydistill.API_VERSION
     Settings = Settings
@@ -270,7 +313,7 @@ class AdaptiveTemperature:
     # ------------------------------------------------------------------ lifecycle
 
     @hookimpl
-    def trainable_modules(self, state: Any) -> dict[str, nn.Module] | None:
+    def trainable_modules(self, state: Any) -> dict[str, polydistill.Trainable] | None:
         s = self.settings
         if not state.teachers:
             raise ConfigError(f"plugins.{NAME}: the KD temperature needs a teacher, and the run has none")
@@ -298,7 +341,13 @@ class AdaptiveTemperature:
         elif s.learnable == "instance":
             classes = len(state.labels) if state.labels else state.teachers[0].config.num_labels
             self.module = InstanceTemperature(classes, s.mlp_hidden, s.min_temperature, s.max_temperature, self._start(), state.rng(0xA7))
-        return {"temperature": self.module} if self.module is not None else None
+        if self.module is None:
+            return None
+        # Its own parameter group: at a transformer's learning rate the temperature would hardly move. No weight
+        # decay: AdamW decays by lr·weight_decay per step, and a decay chosen for the student's rate is far too strong here.
+        return {"temperature": polydistill.Trainable(
+            self.module, learning_rate=s.temperature_lr, weight_decay=0.0, max_grad_norm=s.temperature_max_grad_norm
+        )}
 
     @hookimpl
     def state_dict(self, state: Any) -> dict[str, Any]:
@@ -352,6 +401,9 @@ class AdaptiveTemperature:
             h = normalised_entropy(teacher_out.logits.detach(), mask)
             factor = s.scale_confident + (s.scale_uncertain - s.scale_confident) * h
             value = (base * factor).clamp(s.min_temperature, s.max_temperature)
+        elif s.per_sample != "off":  # flsw, cwsm
+            values = self._values(s.per_sample, student_out, teacher_out)
+            value = dynamic_temperature(values, base, s.beta, mask).clamp(s.min_temperature, s.max_temperature)
         else:
             value = base
         t = torch.as_tensor(value, dtype=torch.float32).detach()
@@ -359,15 +411,20 @@ class AdaptiveTemperature:
         self._used.append({"mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()), "base": base, "lambda": lam})
         return value
 
+    def _values(self, kind: str, student_out: Any, teacher_out: Any) -> torch.Tensor:
+        """Detached flsw or cwsm values per logit vector: ``(B,)``, or ``(B, W)`` for token tasks."""
+        s = self.settings
+        with torch.no_grad():
+            student, teacher = student_out.logits.detach(), teacher_out.logits.detach()
+            if kind == "flsw":
+                return flsw_values(student, teacher, s.flsw_gamma)
+            return cwsm_values(student if s.cwsm_confidence == "student" else teacher)
+
     def _sample_weights(self, student_out: Any, teacher_out: Any, previous: Any) -> torch.Tensor:
         s = self.settings
         mask = _mask(student_out, teacher_out)
         with torch.no_grad():
-            student, teacher = student_out.logits.detach(), teacher_out.logits.detach()
-            if s.weighting == "flsw":
-                raw = flsw_weights(student, teacher, s.flsw_gamma, mask)
-            else:
-                raw = cwsm_weights(student if s.cwsm_confidence == "student" else teacher, mask)
+            raw = _per_sample(self._values(s.weighting.removesuffix("_weight"), student_out, teacher_out), mask)
             w = normalise_weights(raw, s.weighting_strength)
             self._weights.append({"min": float(w.min()), "max": float(w.max()), "std": float(w.std(unbiased=False))})
             if previous is not None:

@@ -9,7 +9,9 @@ Terms, each with its own weight (0 switches a term off):
   temperature), or a callable ``f(student_out, teacher_out)`` returning one
   of those (for temperatures that depend on the outputs).
   ``batch.meta["sample_weights"]`` weights samples the same way (a ``(B,)``
-  tensor or such a callable) in every term.
+  tensor or such a callable) in every term, ``ce``, ``hidden`` and
+  ``attention`` included; the per-layer terms also drop the samples the
+  teacher's ``layer_mask`` says its per-layer outputs do not teach.
 - ``ce``: cross-entropy with the gold labels.
 - ``mse`` / ``cosine``: pooled embedding matching (Reimers & Gurevych 2020);
   a learned linear projection maps the student's width to the teacher's when
@@ -160,8 +162,9 @@ class StandardKD:
         if w["ce"]:
             if batch.labels is None:
                 raise ConfigError("plugins.kd.ce: the training data has no labels (columns.label)")
-            logits = student_out.logits
-            terms["ce"] = w["ce"] * F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.labels.reshape(-1), ignore_index=-100)
+            logits, labels = student_out.logits, batch.labels
+            per = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
+            terms["ce"] = w["ce"] * _reduce(per.view(labels.shape), labels != -100, weights)
         if teacher_out is None:
             return terms
         if w["kl"]:
@@ -182,19 +185,29 @@ class StandardKD:
                 terms["mse"] = w["mse"] * _reduce(((s_emb - t_emb) ** 2).mean(-1), None, weights)
             if w["cosine"]:
                 terms["cosine"] = w["cosine"] * _reduce(1 - F.cosine_similarity(s_emb, t_emb, dim=-1), None, weights)
+        if w["hidden"] or w["attention"]:
+            # per-layer outputs are one teacher's: samples it does not teach (layer_mask) weigh 0
+            layer_weights = weights
+            if teacher_out.layer_mask is not None:
+                keep = teacher_out.layer_mask.to(student_out.mask.device, torch.float32)
+                layer_weights = keep if weights is None else torch.as_tensor(weights, device=keep.device) * keep
+            tokens = student_out.mask.float()
+            if layer_weights is not None:
+                tokens = tokens * torch.as_tensor(layer_weights, device=tokens.device, dtype=tokens.dtype).view(-1, 1)
         if w["hidden"]:
-            mask = student_out.mask.unsqueeze(-1).to(student_out.hidden_states[0].dtype)
+            mask = tokens.unsqueeze(-1).to(student_out.hidden_states[0].dtype)
             total = 0.0
             for s_layer, t_layer in self.layer_map.items():
                 h = student_out.hidden_states[s_layer]
                 if f"hidden_{s_layer}" in self.projections:
                     h = self.projections[f"hidden_{s_layer}"](h)
                 diff = (h - teacher_out.hidden_states[t_layer].to(h.dtype)) ** 2 * mask
-                total = total + diff.sum() / (mask.sum() * h.size(-1)).clamp(min=1)
+                total = total + diff.sum() / (mask.sum() * h.size(-1)).clamp(min=1e-9)
             terms["hidden"] = w["hidden"] * total / len(self.layer_map)
         if w["attention"]:
-            mask = student_out.mask.to(student_out.attentions[0].dtype)
-            rows = mask[:, None, :, None] * mask[:, None, None, :]
+            mask = tokens.to(student_out.attentions[0].dtype)
+            valid = student_out.mask.to(mask.dtype)
+            rows = mask[:, None, :, None] * valid[:, None, None, :]
             total = 0.0
             for s_layer, t_layer in self.layer_map.items():
                 if s_layer == 0 or t_layer == 0:
@@ -204,7 +217,7 @@ class StandardKD:
                 if a_s.size(1) != a_t.size(1):
                     a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
                 diff = ((a_s - a_t) ** 2) * rows
-                total = total + diff.sum() / (rows.sum() * a_s.size(1)).clamp(min=1)
+                total = total + diff.sum() / (rows.sum() * a_s.size(1)).clamp(min=1e-9)
             terms["attention"] = w["attention"] * total / max(1, sum(1 for k, v in self.layer_map.items() if k and v))
         return terms
 

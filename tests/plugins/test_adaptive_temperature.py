@@ -1,4 +1,4 @@
-"""The adaptive_temperature plugin: schedules, confidence-based and learned (CTKD) temperatures, flsw/cwsm weights."""
+"""The adaptive_temperature plugin: schedules, per-sample (entropy, flsw, cwsm) and learned (CTKD) temperatures, flsw/cwsm weights."""
 
 from __future__ import annotations
 
@@ -43,12 +43,13 @@ def tiny_batch(n: int) -> polydistill.Batch:
     return polydistill.Batch(texts=["x"] * n, teacher_texts=["x"] * n, langs=["de"] * n, student_inputs=enc, teacher_inputs=[enc])
 
 
-def handed_off(p: AdaptiveTemperature, student_logits, teacher_logits, step: int = 0, meta=None):
+def handed_off(p: AdaptiveTemperature, student_logits, teacher_logits, step: int = 0, meta=None, word_mask=None):
     """What kd would receive: (temperature, sample_weights) resolved from the batch.meta callables."""
     batch = tiny_batch(len(student_logits))
     batch.meta.update(meta or {})
     out = p.augment_batch(batch, SimpleNamespace(step=step))
-    s, t = polydistill.ModelOutputs(logits=student_logits), polydistill.ModelOutputs(logits=teacher_logits)
+    s = polydistill.ModelOutputs(logits=student_logits, word_mask=word_mask)
+    t = polydistill.ModelOutputs(logits=teacher_logits, word_mask=word_mask)
     temperature = out.meta["temperature"](s, t)
     weights = out.meta["sample_weights"](s, t) if "sample_weights" in out.meta else None
     return temperature, weights
@@ -86,13 +87,16 @@ def test_the_kl_term_uses_the_scheduled_temperature_and_the_log_shows_it(models,
 
 @pytest.mark.parametrize(
     "options",
-    [{"per_sample": "entropy", "start": 4.0}, {"learnable": "instance", "lambda_min": 1.0}],
-    ids=["entropy", "instance"],
+    [{"per_sample": "entropy", "start": 4.0}, {"per_sample": "flsw", "start": 4.0, "beta": 20.0},
+     {"per_sample": "cwsm", "start": 4.0}, {"learnable": "instance", "lambda_min": 1.0}],
+    ids=["entropy", "flsw", "cwsm", "instance"],
 )
 def test_logged_temperature_is_the_one_kd_used(models, data, tmp_path, options):
     result = run(models, data, tmp_path, options)
     ours, kds = steps_of(result, TEMP), steps_of(result, "kd/temperature")
     assert ours == pytest.approx(kds, rel=1e-6, abs=0)
+    if "per_sample" in options:  # per sample: the batch's temperatures differ
+        assert all(lo < hi for lo, hi in zip(steps_of(result, f"{NAME}/temperature_min"), steps_of(result, f"{NAME}/temperature_max")))
     if "learnable" in options:  # it is learned: it moves
         assert len(set(ours)) > 1
         assert steps_of(result, f"{NAME}/lambda") == [1.0, 1.0, 1.0]
@@ -120,35 +124,72 @@ def test_entropy_temperature_is_higher_for_confident_teachers_and_bounded():
     assert clipped.tolist() == pytest.approx([4.0, 10.0])
 
 
-# ---------------------------------------------------------------- flsw / cwsm sample weights
+# ---------------------------------------------------------------- flsw / cwsm: TextBrewer's temperatures and sample weights
 
 
 STUDENT = torch.tensor([[1.0, 0.0, 0.0], [math.log(2), 0.0, 0.0], [math.log(6), 0.0, 0.0]])
 TEACHER = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
 
 
+def test_flsw_and_cwsm_temperatures_follow_textbrewers_formula():
+    # TextBrewer: tau_i = T + beta (mean w - w_i), unnormalised w, then clamped to the bounds here.
+    # flsw, gamma 2: cos = 1, 0, -1 -> w = 0, 1, 4, mean 5/3
+    t, w = handed_off(plugin(per_sample="flsw", start=4.0, beta=1.0), STUDENT, TEACHER)
+    assert t.tolist() == pytest.approx([4 + 5 / 3, 4 + 2 / 3, 4 - 7 / 3]) and w is None and not t.requires_grad
+    # beta 2: 7.33, 5.33, -0.67 -> clamped into [1, 6]
+    t, _ = handed_off(plugin(per_sample="flsw", start=4.0, beta=2.0, max_temperature=6.0), STUDENT, TEACHER)
+    assert t.tolist() == pytest.approx([6.0, 4 + 4 / 3, 1.0])
+    # cwsm: w = 1 / (max softmax(student) + 0.001), student max probabilities e/(e+2), 1/2, 3/4
+    raw = [1 / (p + 1e-3) for p in (math.e / (math.e + 2), 0.5, 0.75)]
+    t, _ = handed_off(plugin(per_sample="cwsm", start=2.0, beta=0.5), STUDENT, TEACHER)
+    assert t.tolist() == pytest.approx([2 + 0.5 * (sum(raw) / 3 - r) for r in raw])
+    # it follows the schedule: base 3 at step 1 of linear 4 -> 2 over 3 steps
+    t, _ = handed_off(plugin(per_sample="flsw", schedule="linear", start=4.0, end=2.0, steps=3), STUDENT, TEACHER, step=1)
+    assert t.tolist() == pytest.approx([3 + 5 / 3, 3 + 2 / 3, 1.0])
+
+
+def test_flsw_temperature_per_word_averages_over_valid_words_only():
+    # token task: w per word, mean over the batch's valid words, per-word temperatures averaged per sample.
+    # gamma 1: sample 0 words w = 0, 1; sample 1 word w = 2 and a padding word (w = 2) that must not count
+    student = torch.stack([STUDENT[:2], STUDENT[[2, 2]]])
+    teacher = torch.stack([TEACHER[:2], TEACHER[[2, 2]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    t, _ = handed_off(plugin(per_sample="flsw", flsw_gamma=1.0, start=4.0), student, teacher, word_mask=mask)
+    # mean w = 1: word temperatures 5, 4 | 3 -> 4.5 and 3 (counting the padding word: mean 5/4, 4.75 and 3.25)
+    assert t.tolist() == pytest.approx([4.5, 3.0])
+
+
+@pytest.mark.parametrize("old", ["flsw", "cwsm"])
+def test_the_old_weighting_names_are_refused_with_both_new_spellings(models, data, tmp_path, old):
+    with pytest.raises(ConfigError) as info:
+        run(models, data, tmp_path, {"weighting": old})
+    message = str(info.value)
+    assert f"plugins.{NAME}.weighting: {old} now names TextBrewer's per-sample temperature, not a loss weight" in message
+    assert f"weighting: {old}_weight" in message and f"per_sample: {old} (and beta)" in message
+
+
 def test_flsw_weights_hand_computed():
     # cosine(student, teacher) = 1, 0, -1 -> (1 - cos)^2 = 0, 1, 4; mean 5/3 -> 0, 0.6, 2.4
-    _, w = handed_off(plugin(weighting="flsw", flsw_gamma=2.0), STUDENT, TEACHER)
+    _, w = handed_off(plugin(weighting="flsw_weight", flsw_gamma=2.0), STUDENT, TEACHER)
     assert w.tolist() == pytest.approx([0.0, 0.6, 2.4])
     assert not w.requires_grad and w.mean().item() == pytest.approx(1.0)
     # gamma 1: 0, 1, 2 -> mean 1 already; strength 0.5 halves the distance to uniform
-    _, w = handed_off(plugin(weighting="flsw", flsw_gamma=1.0, weighting_strength=0.5), STUDENT, TEACHER)
+    _, w = handed_off(plugin(weighting="flsw_weight", flsw_gamma=1.0, weighting_strength=0.5), STUDENT, TEACHER)
     assert w.tolist() == pytest.approx([0.5, 1.0, 1.5])
 
 
 def test_cwsm_weights_hand_computed():
     # student max probabilities: e/(e+2), 1/2, 3/4 -> w = 1/(p + 0.001), divided by their mean
     raw = [1 / (math.e / (math.e + 2) + 1e-3), 1 / (0.5 + 1e-3), 1 / (0.75 + 1e-3)]
-    _, w = handed_off(plugin(weighting="cwsm"), STUDENT, TEACHER)
+    _, w = handed_off(plugin(weighting="cwsm_weight"), STUDENT, TEACHER)
     assert w.tolist() == pytest.approx([r / (sum(raw) / 3) for r in raw])
     # from the teacher's confidence: max probabilities e/(e+2), e/(e+2), and for [-1, 0, 0]: 1/(2 + 1/e)
     pt = [math.e / (math.e + 2), math.e / (math.e + 2), 1 / (2 + 1 / math.e)]
     raw = [1 / (p + 1e-3) for p in pt]
-    _, w = handed_off(plugin(weighting="cwsm", cwsm_confidence="teacher"), STUDENT, TEACHER)
+    _, w = handed_off(plugin(weighting="cwsm_weight", cwsm_confidence="teacher"), STUDENT, TEACHER)
     assert w.tolist() == pytest.approx([r / (sum(raw) / 3) for r in raw])
     # weights another plugin already set are kept, multiplied in
-    _, w2 = handed_off(plugin(weighting="cwsm", cwsm_confidence="teacher"), STUDENT, TEACHER,
+    _, w2 = handed_off(plugin(weighting="cwsm_weight", cwsm_confidence="teacher"), STUDENT, TEACHER,
                        meta={"sample_weights": torch.tensor([1.0, 0.0, 2.0])})
     assert w2.tolist() == pytest.approx([w[0].item(), 0.0, 2 * w[2].item()])
 
@@ -168,7 +209,7 @@ class CheckWeightedKL:
 
 def test_kd_weights_its_kl_term_with_the_flsw_weights(models, data, tmp_path):
     check = CheckWeightedKL()
-    result = run(models, data, tmp_path, {"weighting": "flsw"}, plugins=[("check", check)], training__max_steps=2)
+    result = run(models, data, tmp_path, {"weighting": "flsw_weight"}, plugins=[("check", check)], training__max_steps=2)
     assert steps_of(result, "loss/kl") == pytest.approx(check.expected, rel=1e-5)
     plain = polydistill.train(parallel_config(models, data, tmp_path / "plain", training__max_steps=1))
     assert steps_of(plain, "loss/kl")[0] != pytest.approx(check.expected[0], rel=1e-3)  # the weights matter
@@ -246,10 +287,10 @@ def test_in_a_run_the_learned_temperature_climbs_the_kl(models, data, tmp_path):
 @pytest.mark.parametrize(
     "options",
     [
-        {"learnable": "instance", "lambda_min": 0.5, "weighting": "flsw"},
+        {"learnable": "instance", "lambda_min": 0.5, "weighting": "flsw_weight"},
         {"schedule": "cosine", "start": 4.0, "end": 1.0, "warmup_steps": 2, "per_sample": "entropy"},
     ],
-    ids=["instance+flsw", "cosine+entropy"],
+    ids=["instance+flsw_weight", "cosine+entropy"],
 )
 def test_resume_after_interrupt_continues_exactly(models, data, tmp_path, options):
     overrides = dict(training__epochs=2, data__batch_size=3, training__learning_rate=0.02)  # 8 steps
@@ -288,7 +329,12 @@ def test_a_resumed_run_keeps_the_schedule_it_started_with(models, data, tmp_path
         ({"schedule": "linear", "steps": 5, "warmup_steps": 5}, "warmup_steps", "smaller than steps"),
         ({"learnable": "global", "schedule": "cosine"}, "learnable", "replaces the schedule"),
         ({"learnable": "instance", "per_sample": "entropy"}, "learnable", "replaces per_sample"),
-        ({"weighting": "focal"}, "weighting", "'off', 'flsw' or 'cwsm'"),
+        ({"weighting": "focal"}, "weighting", "'off', 'flsw_weight' or 'cwsm_weight'"),
+        ({"per_sample": "focal"}, "per_sample", "'off', 'entropy', 'flsw' or 'cwsm'"),
+        ({"beta": -1.0}, "beta", "greater than or equal to 0"),
+        ({"learnable": "global", "per_sample": "flsw"}, "learnable", "replaces per_sample"),
+        ({"temperature_lr": 0.0}, "temperature_lr", "greater than 0"),
+        ({"temperature_max_grad_norm": -1.0}, "temperature_max_grad_norm", "greater than 0"),
         ({"lambda_min": 1.0, "lambda_max": 0.5}, "lambda_max", "at least lambda_min"),
         ({"temprature": 2.0}, "temprature", "unknown option"),
     ],

@@ -206,3 +206,18 @@ def test_default_fusion_gives_a_word_only_teachers_that_read_it(models, tmp_path
     torch.testing.assert_close(fused.logits[lost], coarse.logits[lost])
     torch.testing.assert_close(fused.logits[both], (coarse.logits[both] + fine_out.logits[both]) / 2)
     assert torch.equal(fused.word_mask, coarse.word_mask | fine_out.word_mask)
+
+
+def test_token_evaluation_counts_and_reports_words_cut_by_max_length(models, tmp_path):
+    long = "the soup and the bread and the cake are on the table".split()
+    path = write_jsonl(tmp_path / "eval.jsonl", [
+        {"words": long, "tags": ["O"] * len(long), "lang": "en"}, {"words": ["good", "bread"], "tags": ["O", "B-FOOD"], "lang": "de"},
+    ])
+    cfg = {"task": "token_classification", "student": {"model": str(models["tagger"])},
+           "data": {"train": [], "eval": {"path": str(path), "columns": {"text": "words", "label": "tags", "lang": "lang"}},
+                    "max_length": 8},
+           "training": {"max_steps": 1}}
+    with pytest.warns(polydistill.PolydistillWarning, match=r"evaluation: \d+ of 14 words \(en \d+\) lie past data.max_length=8"):
+        metrics = polydistill.evaluate(cfg)["student"]
+    cut = metrics["truncated_words"]
+    assert cut["de"] == 0 and 0 < cut["en"] < len(long)

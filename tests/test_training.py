@@ -189,6 +189,19 @@ def test_streamed_training_data(models, data, tmp_path):
         polydistill.train(cfg)
 
 
+def test_a_streamed_epoch_s_last_partial_accumulation_group_divides_by_its_own_size(models, data, tmp_path):
+    """12 rows, batches of 4, 2 per step: each epoch ends in a group of one, streamed or not (issue 14)."""
+    def run(name, streaming):
+        cfg = parallel_config(models, data, tmp_path, training__max_steps=4, training__gradient_accumulation_steps=2,
+                              data__shuffle=False, output_dir=str(tmp_path / name))
+        cfg["data"]["train"]["streaming"] = streaming
+        return load_file(str(polydistill.train(cfg).student_dir / "model.safetensors"))
+
+    loaded, streamed = run("loaded", False), run("streamed", True)
+    for key in loaded:
+        torch.testing.assert_close(streamed[key], loaded[key], rtol=0, atol=1e-6, msg=key)
+
+
 class MakeBatches:
     """Generates every training batch itself (what a data-free plugin such as gan_data does)."""
 

@@ -9,6 +9,7 @@ import torch
 
 from polydistill import metrics as M
 from polydistill.data import Collator, Loader
+from polydistill.errors import warn
 from polydistill.models import forward
 
 
@@ -26,7 +27,9 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (normalised columns text/source/label/lang).
 
-    Returns ``{"per_language": {lang: {metric: value}}, "average": {...}, "num_examples": n}``.
+    Returns ``{"per_language": {lang: {metric: value}}, "average": {...}, "num_examples": n}``,
+    for token tasks also ``"truncated_words": {lang: n}``: words past ``max_length``,
+    which have no prediction and are left out of the metrics (with a warning).
     Classification: accuracy and macro-F1; token tasks: token accuracy/F1 and
     entity F1 for BIO tags; embeddings: Tatoeba-style retrieval accuracy in
     both directions between the ``source`` and ``text`` columns.
@@ -55,6 +58,7 @@ def evaluate_model(
                 raise ValueError("classification evaluation needs columns.label")
             preds: dict[str, list[Any]] = defaultdict(list)
             refs: dict[str, list[Any]] = defaultdict(list)
+            words: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # per language: words, words cut by max_length
             for batch in loader.iterate():
                 batch = batch.to(device)
                 out = forward(model, batch.student_inputs, task, batch.student_words, pooling)
@@ -67,6 +71,8 @@ def evaluate_model(
                         refs[lang].append(int(gold[j]))
                     else:
                         keep = gold[j] != -100
+                        words[lang][0] += len(batch.texts[j])
+                        words[lang][1] += len(batch.texts[j]) - int(keep.sum())
                         name = (lambda k: labels[k]) if labels else str
                         refs[lang].append([name(int(k)) for k in gold[j][keep]])
                         preds[lang].append([name(int(k)) for k in pred[j][keep]])
@@ -77,11 +83,20 @@ def evaluate_model(
                     per_lang[lang] = M.token_metrics(preds[lang], refs[lang])
     finally:
         model.train(was_training)
-    return {
+    result = {
         "per_language": per_lang,
         "average": M.average_over_languages(per_lang) if per_lang else {},
         "num_examples": len(dataset),
     }
+    if task == "token_classification":
+        # Words past max_length have no logits, so they cannot be scored; say how many.
+        result["truncated_words"] = {lang: cut for lang, (_, cut) in sorted(words.items())}
+        total, cut = sum(n for n, _ in words.values()), sum(c for _, c in words.values())
+        if cut:
+            langs_cut = ", ".join(f"{lang} {c}" for lang, (_, c) in sorted(words.items()) if c)
+            warn(f"evaluation: {cut} of {total} words ({langs_cut}) lie past data.max_length={max_length} and are "
+                 "not scored; raise data.max_length to score them")
+    return result
 
 
 def _embed(model: torch.nn.Module, loader: Loader, n: int, device: Any, task: str, pooling: str) -> torch.Tensor:

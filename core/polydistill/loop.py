@@ -9,6 +9,7 @@ accelerate places models and batches.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import signal
@@ -506,21 +507,22 @@ class Trainer:
         """Steps of the current epoch from where it stands; returns at its end, at the last step, or on a stop."""
         state, tc = self.state, self.config.training
         accum = tc.gradient_accumulation_steps
-        n = self.loader.num_batches(state.epoch)
         micro: list[dict[str, float]] = []
-        for batch, last in _with_last(self.loader.iterate(state.epoch, skip=state.batch_in_epoch)):
+        # A whole accumulation group is read before its first step, so the last, smaller
+        # group of an epoch divides by its own size, streamed data included.
+        batches = self.loader.iterate(state.epoch, skip=state.batch_in_epoch)
+        for group in _groups(batches, accum - state.batch_in_epoch % accum, accum):
             group_start = state.batch_in_epoch - state.batch_in_epoch % accum
-            group_size = min(accum, n - group_start) if n is not None else accum
-            sync = last or (state.batch_in_epoch + 1) % accum == 0
-            try:
-                micro.append(self.step(send_to_device(batch, state.device), group_size, sync))
-            except NonFiniteLoss as exc:
-                self._skip_or_stop(exc, group_start)
-                if sync:
-                    self._update()
-            state.batch_in_epoch += 1
-            if not sync:
-                continue
+            group_size = state.batch_in_epoch - group_start + len(group)
+            for j, batch in enumerate(group):
+                sync = j == len(group) - 1
+                try:
+                    micro.append(self.step(send_to_device(batch, state.device), group_size, sync))
+                except NonFiniteLoss as exc:
+                    self._skip_or_stop(exc, group_start)
+                    if sync:
+                        self._update()
+                state.batch_in_epoch += 1
             state.step += 1
             keys = dict.fromkeys(k for m in micro for k in m)
             logs = {k: float(np.mean([m[k] for m in micro if k in m])) for k in keys}
@@ -715,17 +717,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _with_last(items: Iterable[Any]) -> Iterable[tuple[Any, bool]]:
-    """Yield (item, is_last) with one item of look-ahead."""
-    it = iter(items)
-    try:
-        current = next(it)
-    except StopIteration:
-        return
-    for following in it:
-        yield current, False
-        current = following
-    yield current, True
+def _groups(items: Iterable[Any], first: int, size: int) -> Iterable[list[Any]]:
+    """Lists of ``size`` items (the first of ``first``), the last one shorter when the items end."""
+    it, n = iter(items), first
+    while group := list(itertools.islice(it, n)):
+        yield group
+        n = size
 
 
 class _StopFlag:

@@ -7,6 +7,12 @@ and re-encode the batch with ``batch.replace_texts``, so the teachers read
 (student text, teacher text, or both; in ``same`` mode the two are one text),
 and a ``languages`` filter on the rows' language tags.
 
+Language tags are compared by their ISO 639-3 code (:func:`language_code`:
+``en``, ``eng``, ``en_US`` and ``eng_Latn`` are one language). ``synonym`` and
+``code_switch`` change a text only when a resource serves its language (a
+WordNet, or dictionaries from that language); other rows are left alone and
+counted as ``NAME/skipped_rows``.
+
 Randomness comes only from ``state.rng`` (seeded by the run's seed, the step
 and the micro-batch), so a resumed run augments exactly as an uninterrupted
 one; the global ``random``/numpy/torch generators are never used or advanced.
@@ -26,12 +32,15 @@ is replaced by exactly one word), so word labels stay aligned.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import re
 import sqlite3
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -49,6 +58,48 @@ WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 
 #: Candidates for one word: groups of replacements (one group per language for code_switch).
 Lookup = Callable[[str], Sequence[Sequence[str]]]
+
+#: ISO 639-1 code -> ISO 639-3 code, the whole ISO 639-1 list (183 languages, and sh: Serbo-Croatian).
+ISO_639_1 = dict(pair.split(":") for pair in (
+    "aa:aar ab:abk ae:ave af:afr ak:aka am:amh an:arg ar:ara as:asm av:ava ay:aym az:aze ba:bak be:bel bg:bul "
+    "bi:bis bm:bam bn:ben bo:bod br:bre bs:bos ca:cat ce:che ch:cha co:cos cr:cre cs:ces cu:chu cv:chv cy:cym "
+    "da:dan de:deu dv:div dz:dzo ee:ewe el:ell en:eng eo:epo es:spa et:est eu:eus fa:fas ff:ful fi:fin fj:fij "
+    "fo:fao fr:fra fy:fry ga:gle gd:gla gl:glg gn:grn gu:guj gv:glv ha:hau he:heb hi:hin ho:hmo hr:hrv ht:hat "
+    "hu:hun hy:hye hz:her ia:ina id:ind ie:ile ig:ibo ii:iii ik:ipk io:ido is:isl it:ita iu:iku ja:jpn jv:jav "
+    "ka:kat kg:kon ki:kik kj:kua kk:kaz kl:kal km:khm kn:kan ko:kor kr:kau ks:kas ku:kur kv:kom kw:cor ky:kir "
+    "la:lat lb:ltz lg:lug li:lim ln:lin lo:lao lt:lit lu:lub lv:lav mg:mlg mh:mah mi:mri mk:mkd ml:mal mn:mon "
+    "mr:mar ms:msa mt:mlt my:mya na:nau nb:nob nd:nde ne:nep ng:ndo nl:nld nn:nno no:nor nr:nbl nv:nav ny:nya "
+    "oc:oci oj:oji om:orm or:ori os:oss pa:pan pi:pli pl:pol ps:pus pt:por qu:que rm:roh rn:run ro:ron ru:rus "
+    "rw:kin sa:san sc:srd sd:snd se:sme sg:sag sh:hbs si:sin sk:slk sl:slv sm:smo sn:sna so:som sq:sqi sr:srp "
+    "ss:ssw st:sot su:sun sv:swe sw:swa ta:tam te:tel tg:tgk th:tha ti:tir tk:tuk tl:tgl tn:tsn to:ton tr:tur "
+    "ts:tso tt:tat tw:twi ty:tah ug:uig uk:ukr ur:urd uz:uzb ve:ven vi:vie vo:vol wa:wln wo:wol xh:xho yi:yid "
+    "yo:yor za:zha zh:zho zu:zul "
+    # withdrawn ISO 639-1 codes still found in locales (Java, Android)
+    "iw:heb in:ind ji:yid jw:jav mo:ron"
+).split())
+#: ISO 639-2/B (bibliographic) codes that differ from ISO 639-3 (ger, fre, chi, ...).
+ISO_639_2B = dict(pair.split(":") for pair in (
+    "alb:sqi arm:hye baq:eus bur:mya chi:zho cze:ces dut:nld fre:fra geo:kat ger:deu gre:ell ice:isl mac:mkd "
+    "mao:mri may:msa per:fas rum:ron slo:slk tib:bod wel:cym"
+).split())
+
+
+@functools.lru_cache(maxsize=4096)
+def language_code(tag: Any) -> str:
+    """The ISO 639-3 code of a language tag: its first subtag (before ``-``, ``_``, ``.`` or ``@``), lower case.
+
+    Two-letter ISO 639-1 codes and ISO 639-2/B codes map to ISO 639-3
+    (``de``, ``ger``, ``deu``, ``de_DE``, ``deu_Latn`` -> ``deu``); script
+    and region subtags are ignored. Any other code is returned as it is
+    (macrolanguages are not mapped to their members: ``ar`` is ``ara``, not
+    ``arb``). An empty or missing tag is ``und``.
+    """
+    if not isinstance(tag, str) or not tag.strip():
+        return "und"
+    primary = re.split(r"[-_.@]", tag.strip(), maxsplit=1)[0].lower()
+    if len(primary) == 2:
+        return ISO_639_1.get(primary, primary)
+    return ISO_639_2B.get(primary, primary)
 
 
 class AugmentSettings(PluginSettings):

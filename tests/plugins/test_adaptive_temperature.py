@@ -271,13 +271,49 @@ class WatchTemperature:
 
 def test_in_a_run_the_learned_temperature_climbs_the_kl(models, data, tmp_path):
     watch = WatchTemperature()
-    # lambda 1 from the start, so the first step already trains T (Adam's first step moves it by lr in sign)
+    # lambda 1 from the start, so the first step already trains T (Adam's first step moves it by temperature_lr in sign)
     result = run(models, data, tmp_path, {"learnable": "global", "lambda_min": 1.0}, plugins=[("watch", watch)],
-                 training__max_steps=1, training__learning_rate=0.05)
+                 training__max_steps=1)
     (before, after, slope), = watch.rows
     assert before == pytest.approx(2.0, abs=1e-5) and slope != 0
     assert math.copysign(1, after - before) == math.copysign(1, slope)  # gradient ascent on the KL
     assert steps_of(result, TEMP) == pytest.approx([before]) == steps_of(result, "kd/temperature")
+
+
+def test_the_learned_temperature_moves_at_a_transformer_learning_rate(models, data, tmp_path):
+    # student lr 2e-5 for 6 steps; the temperature trains at temperature_lr (default 0.05, CTKD's)
+    def moved(options, name):
+        watch = WatchTemperature()
+        run(models, data, tmp_path / name, {"learnable": "global", "lambda_min": 1.0, **options}, plugins=[("watch", watch)],
+            training__learning_rate=2e-5, training__epochs=2)
+        return abs(watch.rows[-1][1] - 2.0)
+
+    assert moved({}, "own") > 0.05
+    assert moved({"temperature_lr": 2e-5}, "shared") < 1e-3  # at the student's rate, as before: it hardly moves
+
+
+class OptimizerGroups:
+    """Records the optimizer's parameter groups (without the tensors) once the run has built it."""
+
+    def __init__(self) -> None:
+        self.groups: list[dict] = []
+
+    @hookimpl
+    def setup(self, state):
+        self.groups = [{k: v for k, v in g.items() if k != "params"} | {"size": sum(p.numel() for p in g["params"])}
+                       for g in state.optimizer.param_groups]
+
+
+def test_the_learned_temperature_has_its_own_optimizer_group(models, data, tmp_path):
+    groups = OptimizerGroups()
+    options = {"learnable": "instance", "mlp_hidden": 4, "temperature_lr": 0.3, "temperature_max_grad_norm": 0.5}
+    run(models, data, tmp_path, options, plugins=[("groups", groups)], training__max_steps=1, training__weight_decay=0.1)
+    mine = [g for g in groups.groups if g.get("module") == f"{NAME}__temperature"]
+    # instance MLP with 3 labels: hidden 6x4 + 4, out 4 + 1 parameters, in a decay and a no-decay group
+    assert sum(g["size"] for g in mine) == 6 * 4 + 4 + 4 + 1
+    assert all(g["initial_lr"] == 0.3 and g["max_grad_norm"] == 0.5 and g["weight_decay"] == 0.0 for g in mine)
+    student = [g for g in groups.groups if "module" not in g]
+    assert student and all(g["initial_lr"] == 1e-3 for g in student)  # the student keeps training.learning_rate
 
 
 # ---------------------------------------------------------------- resume

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from safetensors.torch import load_file
 
 import polydistill
 from polydistill import hookimpl
-from polydistill_plugins.gan_data import GanData, Settings, discrepancy
+from polydistill_plugins.gan_data import _SALT_GENERATOR_STEP, GanData, Settings
+from polydistill_plugins.kd import kl_divergence
 
 from conftest import PAIRS, StopAt, parallel_config
 
@@ -118,6 +121,120 @@ def test_generator_updates_raise_the_discrepancy_they_maximise(trained_teacher, 
     print(f"{options}: discrepancy on 256 generated samples {probe.before:.3f} -> {probe.after:.3f} after 25 generator updates")
     assert probe.after > 1.4 * probe.before
     assert probe.student_unchanged  # the generator's updates leave the student alone
+
+
+class OneLoss:
+    """Both players' sides of the min-max game, each on its own batch.
+
+    Listed before gan_data, its ``augment_batch`` runs just before the generator's update: it redraws the batch the
+    generator is about to update on (same seeded noise, same generator weights, student in eval mode as there) and
+    computes kd's kl term on it with kd's own function, weight and temperature. In ``loss_terms`` it evaluates
+    gan_data's objective on the outputs the student's kd loss of the step was computed from.
+    """
+
+    def __init__(self, gan, weight, temperature):
+        self.gan, self.weight, self.temperature = gan, weight, temperature
+        self.generator_side, self.student_side = [], []
+
+    @hookimpl
+    def augment_batch(self, batch, state):
+        gan, student = self.gan, state.unwrapped_student()
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            tokens = gan.generate(gan.batch_size(state), gan._seeded(state, _SALT_GENERATOR_STEP), state.device)
+            s, t = gan.logits(state, tokens, student)
+        student.train(was)
+        self.generator_side.append(self.weight * float(kl_divergence(s, t, self.temperature)))
+        return None
+
+    @hookimpl
+    def loss_terms(self, batch, student_out, teacher_out, state):
+        if batch.meta.get("generated"):
+            self.student_side.append(float(self.gan.objective(student_out.logits, teacher_out.logits)))
+        return None
+
+
+def gan_warnings(run):
+    """The PolydistillWarnings about gan_data that ``run()`` issues."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if issubclass(w.category, polydistill.PolydistillWarning) and "plugins.gan_data" in str(w.message)]
+
+
+@pytest.mark.parametrize("options", [{}, {"hard": False}], ids=["reinforce", "soft"])
+def test_generator_ascends_exactly_the_kd_loss_the_student_descends(models, tmp_path, options):
+    # Fang et al. 2019: one loss, ascended by the generator and descended by the student. kd's temperature and
+    # weight here are not gan_data's former generator objective (T² · KL at T = 1, weight 1), so a generator
+    # objective of its own would show on both sides.
+    name, plugin = gan(length=6, **options)
+    probe = OneLoss(plugin, weight=0.7, temperature=3.0)
+    cfg = data_free_config(models["teacher"], {"from_teacher": {"layers": [0]}}, tmp_path, steps=3)
+    cfg["plugins"] = {"kd": {"temperature": 3.0, "kl": 0.7}}
+    result = None
+
+    def run():
+        nonlocal result
+        result = polydistill.train(cfg, plugins=[("one_loss", probe), (name, plugin)])
+
+    assert gan_warnings(run) == []  # tied by default: nothing to warn about
+    rows = [r for r in result.history if "loss" in r]
+    assert len(rows) == len(probe.generator_side) == len(probe.student_side) == 3
+    # the generator's side: the objective it ascended (logged before each update) is kd's kl term on its batch
+    assert [r["gan_data/discrepancy"] for r in rows] == pytest.approx(probe.generator_side, rel=1e-5)
+    # the student's side: the generator's objective function on the step's outputs is the kd loss it descended
+    assert [r["loss/kl"] for r in rows] == pytest.approx(probe.student_side, rel=1e-5)
+    assert [r["loss"] for r in rows] == pytest.approx(probe.student_side, rel=1e-5)  # and its whole loss
+
+
+def test_an_explicitly_different_generator_objective_is_warned_about_naming_both(models, tmp_path):
+    cfg = data_free_config(models["teacher"], {"from_teacher": {"layers": [0]}}, tmp_path, steps=1)
+    cfg["plugins"] = {"kd": {"temperature": 3.0}}
+    train = lambda cfg, **o: lambda: polydistill.train(cfg, plugins=[gan(length=4, **o)])  # noqa: E731
+    student = r"kd's kl term, T² · KL\(teacher \|\| student\) at plugins\.kd\.temperature = 3 \(plugins\.kd\.kl = 1\)"
+    one_loss = r"data-free adversarial distillation \(Fang et al\. 2019\) plays one loss"
+
+    (message,) = gan_warnings(train(cfg, discrepancy="l1"))
+    assert re.match(r"plugins\.gan_data\.discrepancy: the generator ascends the mean absolute logit difference "
+                    rf"\(plugins\.gan_data\.discrepancy: l1\), but on generated batches the student descends {student}; {one_loss}",
+                    message), message
+    (message,) = gan_warnings(train(cfg, discrepancy="kl"))  # kl_temperature's default 1, kd's 3
+    assert re.match(r"plugins\.gan_data\.discrepancy: the generator ascends T² · KL\(teacher \|\| student\) at "
+                    rf"plugins\.gan_data\.kl_temperature = 1, but on generated batches the student descends {student}",
+                    message), message
+    assert gan_warnings(train(cfg, discrepancy="kl", kl_temperature=3.0)) == []  # the same loss, chosen explicitly
+
+    # kd terms the generator does not reproduce
+    cfg["plugins"] = {"kd": {"temperature": 3.0, "hidden": 0.5}}
+    (message,) = gan_warnings(train(cfg))
+    assert re.match(rf"plugins\.gan_data\.discrepancy: on generated batches the student descends {student} \+ kd's hidden "
+                    r"term \(plugins\.kd\.hidden = 0\.5\), and the generator ascends only kd's kl term; kd's hidden term",
+                    message), message
+
+    # a temperature chosen by another plugin, which the generator cannot follow
+    cfg["plugins"] = {"kd": {"temperature": 3.0}, "adaptive_temperature": {"schedule": "linear", "end": 1.0}}
+    (message,) = gan_warnings(train(cfg))
+    assert message.startswith("plugins.gan_data.discrepancy: another plugin set batch.meta['temperature'] on the generated "
+                              "batches, so the student's kl term uses that temperature, while the generator ascends "
+                              "T² · KL(teacher || student) at plugins.kd.temperature = 3"), message
+
+
+def test_a_generator_objective_that_cannot_be_tied_is_refused(models, data, tmp_path):
+    cfg = data_free_config(models["teacher"], {"from_teacher": {"layers": [0]}}, tmp_path, steps=1)
+    with pytest.raises(polydistill.ConfigError, match=r"plugins\.gan_data\.discrepancy: 'kd' \(the default\) makes the "
+                       r"generator ascend the loss the student descends \(kd's kl term\), but plugin kd is not enabled"):
+        polydistill.train({**cfg, "plugins": {"kd": False}}, plugins=[gan()])
+    with pytest.raises(polydistill.ConfigError, match=r"plugins\.gan_data\.discrepancy: 'kd' \(the default\) makes the "
+                       r"generator ascend kd's kl term, but plugins\.kd\.kl is 0, so the student descends kd's hidden term"):
+        polydistill.train({**cfg, "plugins": {"kd": {"kl": 0, "hidden": 1.0}}}, plugins=[gan()])
+    with pytest.raises(polydistill.ConfigError, match=r"plugins\.gan_data\.kl_temperature: is the temperature of "
+                       r"discrepancy 'kl' and unused with discrepancy 'kd' \(which takes plugins\.kd\.temperature\)"):
+        polydistill.train({**cfg, "plugins": {"gan_data": {"kl_temperature": 2.0}}}, plugins=[gan()])
+    mixed = parallel_config(models, data, tmp_path / "mixed", training__max_steps=1, plugins={"kd": False})
+    with pytest.raises(polydistill.ConfigError, match=r"plugins\.gan_data\.discrepancy: 'kd' \(the default\) takes the "
+                       r"temperature of kd's kl term \(plugins\.kd\.temperature\), but plugin kd is not enabled"):
+        polydistill.train(mixed, plugins=[gan()])
 
 
 def test_data_free_distillation_lifts_agreement_on_real_sentences(models, trained_teacher, tmp_path):

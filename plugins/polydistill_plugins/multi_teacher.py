@@ -22,7 +22,9 @@ logits (or pooled embeddings) per sample: ``mean``, fixed ``weights``,
 ``confidence`` / ``entropy`` of each teacher's distribution, ``correctness``
 (the probability each teacher gives the gold label), or a learned ``gate``.
 Sequence-level outputs only: hidden states and attentions are those of the
-first teacher, never fused, and refused when teachers read different tokens.
+first teacher, never fused, and refused when teachers read different tokens;
+``layer_mask`` on the fused outputs marks the samples the first teacher teaches
+(the only ones its per-layer outputs may teach).
 
 The gate is a small MLP (from ``trainable_modules``, so the core trains,
 places and checkpoints it) over the teachers' log-probabilities. With
@@ -467,6 +469,10 @@ class MultiTeacher:
             result.word_mask = taught
         if per_layer:
             result.hidden_states, result.attentions, result.mask = outs[0].hidden_states, outs[0].attentions, outs[0].mask
+            # per-layer outputs are the first teacher's: they teach only the samples it teaches (routing,
+            # selective, a fixed weight of 0), so kd's hidden/attention terms leave out the others
+            first = prior[..., 0] != 0
+            result.layer_mask = first if first.dim() == 1 else first.any(-1)
         else:
             result.mask = outs[ran[0]].mask if ran else None
         # samples no teacher teaches get weight 0 in kd's terms

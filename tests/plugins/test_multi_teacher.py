@@ -39,7 +39,7 @@ def same_mode_config(models, data, tmp_path, teachers, **plugins):
 
 
 class Seen:
-    """Records, per step, the languages, the fused teacher outputs and kd's sample weights."""
+    """Records, per step, the languages, the fused teacher outputs (and their layer_mask) and kd's sample weights."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -51,6 +51,8 @@ class Seen:
             "texts": list(batch.texts), "langs": list(batch.langs), "logits": teacher_out.logits.detach().cpu(),
             "weights": teacher_out.extra["weights"].cpu(), "ran": list(teacher_out.extra["teachers"]),
             "sample_weights": None if sw is None else torch.as_tensor(sw).cpu(),
+            "layer_mask": None if teacher_out.layer_mask is None else teacher_out.layer_mask.cpu(),
+            "per_layer": teacher_out.hidden_states is not None,
         })
 
 
@@ -151,6 +153,38 @@ def test_languages_option_overrides_and_unmapped_languages(models, data, trained
     cfg = same_mode_config(models, data, tmp_path / "error", teachers, multi_teacher={"languages": {"en": ["good"]}, "unmapped": "error"})
     with pytest.raises(polydistill.DataError, match=r"plugins\.multi_teacher\.languages: language 'de' .* has no teacher"):
         polydistill.train(cfg)
+
+
+@pytest.mark.parametrize(("options", "teaches"), [
+    ({}, lambda lang: lang == "en"),  # 'good' (teacher 0) teaches English; German is routed to 'bad'
+    ({"languages": {"en": ["good"]}, "unmapped": "skip"}, lambda lang: lang == "en"),  # German: no teacher
+    ({"select": "all", "fusion": "weights", "weights": {"good": 0.0, "bad": 1.0}}, lambda lang: False),
+    ({"select": "all"}, lambda lang: True),
+])
+def test_per_layer_outputs_are_marked_for_the_samples_the_first_teacher_teaches(models, data, trained_teacher, tmp_path,
+                                                                                 options, teaches):
+    """Hidden states and attentions are teacher 0's: layer_mask keeps kd's per-layer terms to its samples."""
+    seen = Seen()
+    cfg = same_mode_config(models, data, tmp_path, two_teachers(trained_teacher, models, good=["en"], bad=["de"]),
+                           kd={"hidden": 1.0, "attention": 1.0}, multi_teacher=options)
+    polydistill.train(cfg, plugins=[("seen", seen)])
+    langs = [lang for r in seen.rows for lang in r["langs"]]
+    assert {"en", "de"} <= set(langs)
+    for r in seen.rows:
+        assert r["per_layer"] and r["layer_mask"] is not None and r["layer_mask"].dtype == torch.bool
+        assert r["layer_mask"].tolist() == [teaches(lang) for lang in r["langs"]]
+
+
+def test_kd_per_layer_terms_skip_samples_routed_to_other_teachers(models, data, trained_teacher, tmp_path):
+    """German rows only, routed to 'bad': teacher 0's hidden states and attentions teach none of them."""
+    history = {}
+    for lang in ("de", "en"):
+        cfg = same_mode_config(models, data, tmp_path / lang, two_teachers(trained_teacher, models, good=["en"], bad=["de"]),
+                               kd={"hidden": 1.0, "attention": 1.0}, multi_teacher={})
+        cfg["data"]["train"]["filter"] = {"lang": lang}
+        history[lang] = [r for r in polydistill.train(cfg).history if "loss/hidden" in r]
+    assert history["de"] and all(r["loss/hidden"] == 0 and r["loss/attention"] == 0 for r in history["de"])
+    assert all(r["loss/hidden"] > 0 and r["loss/attention"] > 0 for r in history["en"])
 
 
 # --------------------------------------------------------------------------- selective distillation

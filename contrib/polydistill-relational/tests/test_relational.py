@@ -290,8 +290,10 @@ def test_max_rows_draws_a_seeded_subset_of_the_weighted_rows():
 
 def test_a_token_run_with_scope_batch_and_max_rows_repeats_exactly(run_plugin):
     runs = [run_plugin("relational", {"scope": "batch", "max_rows": 5}, task="token_classification") for _ in range(2)]
+    every = run_plugin("relational", {"scope": "batch"}, task="token_classification")  # ~20 words a batch
     for term in ("rkd_distance", "rkd_angle"):
         assert runs[0].term(term) == runs[1].term(term) and all(math.isfinite(v) and v > 0 for v in runs[0].term(term))
+        assert runs[0].term(term)[0] != pytest.approx(every.term(term)[0])  # 5 of the words, not all
 
 
 def test_scope_on_a_sentence_level_task_is_an_error_naming_the_option(run_plugin):

@@ -9,6 +9,11 @@ discrepancy on what it generates, the student to minimise it: data-free
 adversarial distillation (Fang et al. 2019, "Data-free adversarial
 distillation"; for text with soft/Gumbel-softmax tokens, Ma et al. 2020,
 "Adversarial self-supervised data-free distillation for text classification").
+As in Fang et al., both players play ONE loss: by default (``discrepancy: kd``)
+the generator ascends exactly the loss the student descends on generated inputs
+(data-free: kd's ``kl`` term, with kd's weight and temperature; mixed: this
+plugin's own term, at kd's temperature). An explicitly different
+``discrepancy`` is allowed, with a warning naming both objectives.
 
 Two modes, chosen by the data:
 
@@ -32,11 +37,12 @@ resumed run generates the same samples. See ``docs/plugins/gan_data.md``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 import polydistill
@@ -73,12 +79,18 @@ class Settings(PluginSettings):
         "log-probability of each sampled sequence times its discrepancy above the batch mean; unbiased, no backward "
         "pass through the models) or 'straight_through' (the soft distribution's gradient; biased).",
     )
-    discrepancy: Literal["kl", "l1"] = Field(
-        "kl",
-        description="What the generator maximises (and, in mixed mode, the student minimises): 'kl' = T² · "
-        "KL(teacher || student) at kl_temperature; 'l1' = mean absolute difference of the logits (Fang et al. 2019).",
+    discrepancy: Literal["kd", "kl", "l1"] = Field(
+        "kd",
+        description="What the generator maximises: 'kd' = the loss the student minimises on generated inputs, so both "
+        "play one loss (Fang et al. 2019): data-free, kd's kl term with plugins.kd.kl as weight and "
+        "plugins.kd.temperature; mixed, this plugin's term, T² · KL(teacher || student) at plugins.kd.temperature. "
+        "'kl' = T² · KL at kl_temperature; 'l1' = mean absolute difference of the logits. In data-free runs "
+        "'kl'/'l1' warn when they differ from the student's kd loss; in mixed mode the student's gan_data term uses "
+        "the same discrepancy.",
     )
-    kl_temperature: float = Field(1.0, gt=0, description="Softmax temperature T of the 'kl' discrepancy.")
+    kl_temperature: float | None = Field(
+        None, gt=0, description="Softmax temperature T of discrepancy 'kl' (default 1.0); only with discrepancy: kl."
+    )
     generator_steps: int = Field(1, ge=0, description="Generator updates per student optimizer step (0 freezes it).")
     learning_rate: float = Field(1e-3, gt=0, description="Generator learning rate (Adam).")
     betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas of the generator's optimizer.")
@@ -100,6 +112,18 @@ class Settings(PluginSettings):
     )
     weight: float = Field(1.0, ge=0, description="Mixed mode: weight of the 'gan_data' loss term.")
     lang: str = Field("gen", description="Language tag of generated samples.")
+
+    @field_validator("kl_temperature")
+    @classmethod
+    def _kl_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        kind = info.data.get("discrepancy")
+        if value is not None and kind is not None and kind != "kl":
+            raise ValueError(
+                f"is the temperature of discrepancy 'kl' and unused with discrepancy {kind!r}"
+                + (" (which takes plugins.kd.temperature)" if kind == "kd" else "")
+                + "; set discrepancy: kl to give the generator its own KL temperature, or drop kl_temperature"
+            )
+        return value
 
 
 class Generator(nn.Module):
@@ -168,6 +192,10 @@ class GanData:
         self.vocab_size = 0
         self.updated_at = -1  # state.step of the last generator update (once per optimizer step)
         self._logs: dict[str, list[float]] = {}
+        # the generator's objective, resolved in setup: scale · discrepancy(kind, ..., temperature)
+        self.kind, self.temperature, self.scale = "kl", 1.0, 1.0
+        self.kd_terms: dict[str, float] | None = None  # kd's weights as the student uses them (None: kd not enabled)
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ run set-up
 
@@ -185,6 +213,8 @@ class GanData:
                 "teacher-output cache); set cache.enabled: false"
             )
         self.vocab_size = self._check_vocabularies(state)
+        self.kind, self.temperature, self.scale = self._resolve_objective(state)
+        self._warned = set()
         self.special = [self._specials(tok) for tok in [state.student_tokenizer, *state.teacher_tokenizers]]
         for model, name in zip([state.unwrapped_student(), *state.teachers], ["the student", *state.teacher_names]):
             limit = getattr(model.config, "max_position_embeddings", None)
@@ -208,6 +238,138 @@ class GanData:
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=total)
         self.updated_at = -1
         self._logs = {}
+
+    # ------------------------------------------------------------------ the one loss of both players
+
+    def _resolve_objective(self, state: Any) -> tuple[str, float, float]:
+        """``(kind, temperature, scale)`` of the objective the generator ascends, tied to the student's loss.
+
+        Data-free, the student's loss on a generated batch is kd's: its ``kl`` term (weight ``plugins.kd.kl``,
+        temperature ``plugins.kd.temperature``), plus ``hidden``/``attention`` when kd has them. Mixed, it is this
+        plugin's own term, ``weight · discrepancy``. ``discrepancy: kd`` makes the generator ascend exactly that;
+        an explicit 'kl'/'l1' that differs is kept, with a warning naming both objectives.
+        """
+        s = self.settings
+        kd = state.settings("kd")
+        if kd is not None and all(hasattr(kd, k) for k in ("kl", "temperature", "hidden", "attention")):
+            # kd's own defaults for what gan_data allows (a teacher, a task with logits): kl 1
+            self.kd_terms = {
+                "kl": 1.0 if kd.kl is None else float(kd.kl),
+                "hidden": float(kd.hidden),
+                "attention": float(kd.attention),
+            }
+            kd_temperature = float(kd.temperature)
+        else:
+            self.kd_terms, kd_temperature = None, None
+        if not self.data_free:  # mixed: the student's gan_data term uses this same discrepancy (times weight)
+            if s.discrepancy != "kd":
+                return s.discrepancy, s.kl_temperature or 1.0, 1.0
+            if self.kd_terms is None:
+                raise ConfigError(
+                    f"plugins.{NAME}.discrepancy: 'kd' (the default) takes the temperature of kd's kl term "
+                    "(plugins.kd.temperature), but plugin kd is not enabled; set plugins.gan_data.discrepancy to "
+                    "'kl' (with kl_temperature) or 'l1'"
+                )
+            return "kl", kd_temperature, 1.0
+
+        student = self._student_objective(kd_temperature)
+        if s.discrepancy == "kd":
+            if self.kd_terms is None:
+                raise ConfigError(
+                    f"plugins.{NAME}.discrepancy: 'kd' (the default) makes the generator ascend the loss the student "
+                    "descends (kd's kl term), but plugin kd is not enabled, so gan_data does not know the student's "
+                    "loss on generated batches; enable kd, or set plugins.gan_data.discrepancy to 'kl' or 'l1' to "
+                    "choose the generator's objective yourself"
+                )
+            if not self.kd_terms["kl"]:
+                raise ConfigError(
+                    f"plugins.{NAME}.discrepancy: 'kd' (the default) makes the generator ascend kd's kl term, but "
+                    f"plugins.kd.kl is 0, so the student descends {student} on generated batches, which the "
+                    "generator cannot reproduce; set plugins.kd.kl > 0, or set plugins.gan_data.discrepancy to "
+                    "'kl' or 'l1' to choose the generator's objective yourself"
+                )
+            kind, temperature, scale = "kl", kd_temperature, self.kd_terms["kl"]
+            left_out = [k for k in ("hidden", "attention") if self.kd_terms[k]]
+            if left_out:
+                self._warn(
+                    f"plugins.{NAME}.discrepancy: on generated batches the student descends {student}, and the "
+                    f"generator ascends only kd's kl term; kd's {' and '.join(left_out)} "
+                    f"term{'s' if len(left_out) > 1 else ''} (per-layer states) {'are' if len(left_out) > 1 else 'is'} "
+                    "left out of the generator's objective, so the two players' losses differ by "
+                    f"{'them' if len(left_out) > 1 else 'it'}"
+                )
+            return kind, temperature, scale
+
+        kind, temperature = s.discrepancy, s.kl_temperature or 1.0
+        generator = self._describe(kind, temperature, 1.0, own=True)
+        if self.kd_terms is None:
+            self._warn(
+                f"plugins.{NAME}.discrepancy: the generator ascends {generator}, and plugin kd is not enabled, so "
+                "gan_data cannot check that the student descends the same loss on generated batches; data-free "
+                "adversarial distillation (Fang et al. 2019) plays one loss, ascended by the generator and "
+                "descended by the student"
+            )
+        elif not (kind == "kl" and temperature == kd_temperature and self.kd_terms == {"kl": 1.0, "hidden": 0, "attention": 0}):
+            self._warn(
+                f"plugins.{NAME}.discrepancy: the generator ascends {generator}, but on generated batches the "
+                f"student descends {student}; data-free adversarial distillation (Fang et al. 2019) plays one loss, "
+                "ascended by the generator and descended by the student. Leave plugins.gan_data.discrepancy (and "
+                "kl_temperature) unset to tie the generator to kd's loss"
+            )
+        return kind, temperature, 1.0
+
+    @staticmethod
+    def _describe(kind: str, temperature: float, weight: float, own: bool) -> str:
+        if kind == "l1":
+            return "the mean absolute logit difference (plugins.gan_data.discrepancy: l1)"
+        where = "plugins.gan_data.kl_temperature" if own else "plugins.kd.temperature"
+        times = "" if weight == 1 else f"{weight:g} · "
+        return f"{times}T² · KL(teacher || student) at {where} = {temperature:g}"
+
+    def _student_objective(self, kd_temperature: float | None) -> str:
+        """The student's loss on generated batches in words (data-free mode)."""
+        if self.kd_terms is None:
+            return "the loss terms of the enabled plugins (kd is not enabled)"
+        w = self.kd_terms
+        parts = []
+        if w["kl"]:
+            parts.append(f"kd's kl term, {self._describe('kl', kd_temperature, w['kl'], own=False)} (plugins.kd.kl = {w['kl']:g})")
+        parts += [f"kd's {k} term (plugins.kd.{k} = {w[k]:g})" for k in ("hidden", "attention") if w[k]]
+        return " + ".join(parts) if parts else "none of kd's teacher terms (plugins.kd.kl, hidden and attention are 0)"
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(message, polydistill.PolydistillWarning, stacklevel=2)
+
+    def objective(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+        """The discrepancy the generator ascends (resolved in ``setup``; with ``discrepancy: kd`` in a data-free run
+        it is kd's kl term: ``plugins.kd.kl · T² · KL`` at ``plugins.kd.temperature``). In mixed mode the student's
+        ``gan_data`` term is ``weight`` times it."""
+        return self.scale * discrepancy(self.kind, student_logits, teacher_logits, self.temperature, per_sample)
+
+    def _check_generated_meta(self, batch: Batch) -> None:
+        """Warn once when another plugin changes the student's kd loss on generated batches in a way the generator's
+        objective cannot follow (a temperature or sample weights in ``batch.meta``)."""
+        if self.kd_terms is None or not self.kd_terms["kl"]:
+            return
+        value = batch.meta.get("temperature")
+        if value is not None and "temperature" not in self._warned:
+            same = isinstance(value, (int, float)) and self.kind == "kl" and float(value) == self.temperature
+            if not same:
+                self._warned.add("temperature")
+                self._warn(
+                    f"plugins.{NAME}.discrepancy: another plugin set batch.meta['temperature'] on the generated "
+                    f"batches, so the student's kl term uses that temperature, while the generator ascends "
+                    f"{self._describe(self.kind, self.temperature, self.scale, own=self.settings.discrepancy != 'kd')}; "
+                    "the two players' losses differ (the generator cannot follow a per-step, per-sample or learned "
+                    "temperature)"
+                )
+        if batch.meta.get("sample_weights") is not None and "sample_weights" not in self._warned:
+            self._warned.add("sample_weights")
+            self._warn(
+                f"plugins.{NAME}.discrepancy: another plugin set batch.meta['sample_weights'] on the generated "
+                "batches, so the student's kd terms weight samples, while the generator's objective weights them "
+                "equally; the two players' losses differ"
+            )
 
     def _check_vocabularies(self, state: Any) -> int:
         student_vocab = _vocab(state.student_tokenizer)
@@ -314,7 +476,7 @@ class GanData:
                     tokens, logits = self.generate(n, gen, state.device, with_logits=True)
                     tokens = tokens.detach()
                     with torch.no_grad():
-                        per = discrepancy(s.discrepancy, *self.logits(state, tokens, student), s.kl_temperature, per_sample=True)
+                        per = self.objective(*self.logits(state, tokens, student), per_sample=True)
                     log_probs = F.log_softmax(logits, -1)
                     chosen = log_probs.gather(-1, tokens.argmax(-1, keepdim=True)).squeeze(-1).sum(-1)  # log p(sample)
                     d = per.mean()
@@ -326,7 +488,7 @@ class GanData:
                 else:
                     tokens = self.generate(n, gen, state.device)
                     s_logits, t_logits = self.logits(state, tokens, student, teacher_grad=True)
-                    d = discrepancy(s.discrepancy, s_logits, t_logits, s.kl_temperature)
+                    d = self.objective(s_logits, t_logits)
                     spread = self.spread(tokens, samples=s.hard)
                     objective = d + s.diversity * spread
                     grads = torch.autograd.grad(-objective, params, allow_unused=True)
@@ -396,14 +558,17 @@ class GanData:
     @hookimpl
     def loss_terms(self, batch: Batch, state: Any) -> dict[str, torch.Tensor] | None:
         s = self.settings
-        if batch.meta.get("generated") or not s.weight:
+        if batch.meta.get("generated"):
+            self._check_generated_meta(batch)
             return None  # data-free: the generated batch already is the step's batch
+        if not s.weight:
+            return None
         n = max(1, round(s.ratio * len(batch)))
         with torch.no_grad():
             tokens = self.generate(n, self._seeded(state, _SALT_SAMPLES), state.device)
         s_logits, t_logits = self.logits(state, tokens, state.unwrapped_student())
         self._log("generated", float(n))
-        return {NAME: s.weight * discrepancy(s.discrepancy, s_logits, t_logits.detach(), s.kl_temperature)}
+        return {NAME: s.weight * self.objective(s_logits, t_logits.detach())}  # scale is 1 in mixed mode
 
     @hookimpl
     def on_step_end(self, state: Any, logs: dict[str, float]) -> None:

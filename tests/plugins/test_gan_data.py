@@ -128,13 +128,13 @@ class OneLoss:
 
     Listed before gan_data, its ``augment_batch`` runs just before the generator's update: it redraws the batch the
     generator is about to update on (same seeded noise, same generator weights, student in eval mode as there) and
-    computes kd's kl term on it with kd's own function, weight and temperature. In ``loss_terms`` it evaluates
-    gan_data's objective on the outputs the student's kd loss of the step was computed from.
+    computes kd's kl term on it with kd's own function, weight and temperature. In ``loss_terms`` it keeps the
+    student's and teachers' logits the step's kd loss was computed from.
     """
 
     def __init__(self, gan, weight, temperature):
         self.gan, self.weight, self.temperature = gan, weight, temperature
-        self.generator_side, self.student_side = [], []
+        self.generator_side, self.student_outputs = [], []
 
     @hookimpl
     def augment_batch(self, batch, state):
@@ -151,7 +151,7 @@ class OneLoss:
     @hookimpl
     def loss_terms(self, batch, student_out, teacher_out, state):
         if batch.meta.get("generated"):
-            self.student_side.append(float(self.gan.objective(student_out.logits, teacher_out.logits)))
+            self.student_outputs.append((student_out.logits.detach().clone(), teacher_out.logits.detach().clone()))
         return None
 
 
@@ -160,17 +160,19 @@ def gan_warnings(run):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run()
-    return [str(w.message) for w in caught if issubclass(w.category, polydistill.PolydistillWarning) and "plugins.gan_data" in str(w.message)]
+    ours = [w for w in caught if issubclass(w.category, polydistill.PolydistillWarning)]
+    return [str(w.message) for w in ours if "plugins.gan_data" in str(w.message)]
 
 
 @pytest.mark.parametrize("options", [{}, {"hard": False}], ids=["reinforce", "soft"])
-def test_generator_ascends_exactly_the_kd_loss_the_student_descends(models, tmp_path, options):
+def test_generator_ascends_exactly_the_kd_loss_the_student_descends(models, trained_teacher, tmp_path, options):
     # Fang et al. 2019: one loss, ascended by the generator and descended by the student. kd's temperature and
     # weight here are not gan_data's former generator objective (T² · KL at T = 1, weight 1), so a generator
     # objective of its own would show on both sides.
     name, plugin = gan(length=6, **options)
     probe = OneLoss(plugin, weight=0.7, temperature=3.0)
-    cfg = data_free_config(models["teacher"], {"from_teacher": {"layers": [0]}}, tmp_path, steps=3)
+    # an untrained student with the teacher's tokenizer: the players disagree from the start
+    cfg = data_free_config(trained_teacher, {"model": str(models["teacher2"])}, tmp_path, steps=3)
     cfg["plugins"] = {"kd": {"temperature": 3.0, "kl": 0.7}}
     result = None
 
@@ -180,18 +182,24 @@ def test_generator_ascends_exactly_the_kd_loss_the_student_descends(models, tmp_
 
     assert gan_warnings(run) == []  # tied by default: nothing to warn about
     rows = [r for r in result.history if "loss" in r]
-    assert len(rows) == len(probe.generator_side) == len(probe.student_side) == 3
+    print(f"generator's objective {probe.generator_side}, student's kd loss {[r['loss/kl'] for r in rows]}")
+    assert len(rows) == len(probe.generator_side) == len(probe.student_outputs) == 3
     # the generator's side: the objective it ascended (logged before each update) is kd's kl term on its batch
     assert [r["gan_data/discrepancy"] for r in rows] == pytest.approx(probe.generator_side, rel=1e-5)
     # the student's side: the generator's objective function on the step's outputs is the kd loss it descended
-    assert [r["loss/kl"] for r in rows] == pytest.approx(probe.student_side, rel=1e-5)
-    assert [r["loss"] for r in rows] == pytest.approx(probe.student_side, rel=1e-5)  # and its whole loss
+    student_side = [float(plugin.objective(s, t)) for s, t in probe.student_outputs]
+    assert [r["loss/kl"] for r in rows] == pytest.approx(student_side, rel=1e-5)
+    assert [r["loss"] for r in rows] == pytest.approx(student_side, rel=1e-5)  # and its whole loss
 
 
 def test_an_explicitly_different_generator_objective_is_warned_about_naming_both(models, tmp_path):
     cfg = data_free_config(models["teacher"], {"from_teacher": {"layers": [0]}}, tmp_path, steps=1)
     cfg["plugins"] = {"kd": {"temperature": 3.0}}
-    train = lambda cfg, **o: lambda: polydistill.train(cfg, plugins=[gan(length=4, **o)])  # noqa: E731
+    runs = iter(range(100))
+
+    def train(cfg, **options):  # a run in a fresh output directory, to call later
+        where = {**cfg, "output_dir": str(tmp_path / f"run{next(runs)}")}
+        return lambda: polydistill.train(where, plugins=[gan(length=4, **options)])
     student = r"kd's kl term, T² · KL\(teacher \|\| student\) at plugins\.kd\.temperature = 3 \(plugins\.kd\.kl = 1\)"
     one_loss = r"data-free adversarial distillation \(Fang et al\. 2019\) plays one loss"
 
@@ -272,6 +280,16 @@ def test_mixed_mode_adds_a_generated_loss_term_and_logs(models, data, tmp_path):
     cfg = parallel_config(models, data, tmp_path / "w0", training__max_steps=1)
     rows = [r for r in polydistill.train(cfg, plugins=[gan(weight=0)]).history if "loss" in r]
     assert "loss/gan_data" not in rows[0] and "gan_data/discrepancy" in rows[0]
+
+    # the default discrepancy 'kd': the generator ascends, and the gan_data term is weight x, T² · KL at kd's
+    # temperature (kd's kl weight belongs to the real batch's term, not to this one)
+    cfg = parallel_config(models, data, tmp_path / "kd", training__max_steps=2, plugins={"kd": {"temperature": 3.0, "kl": 0.5}})
+    name, plugin = gan(ratio=0.5, length=6)
+    probe = OneLoss(plugin, weight=1.0, temperature=3.0)
+    rows = [r for r in polydistill.train(cfg, plugins=[("one_loss", probe), (name, plugin)]).history if "loss" in r]
+    assert [r["gan_data/discrepancy"] for r in rows] == pytest.approx(probe.generator_side, rel=1e-5)
+    assert probe.student_outputs == []  # no generated batch: the real batch is the step's batch
+    assert all(r["loss"] == pytest.approx(r["loss/gan_data"] + r["loss/kl"], rel=1e-5) for r in rows)
 
 
 def test_token_classification_generates_one_word_per_token(models, tmp_path):

@@ -22,7 +22,8 @@ one; the global ``random``/numpy/torch generators are never used or advanced.
   WordNet is read with nltk's corpus reader from local files only (nltk's
   download functions are never called); see ``docs/plugins/synonym.md``.
 - ``back_translation``: translates text into a pivot language and back with
-  two Hugging Face seq2seq models; results are cached on disk.
+  two Hugging Face seq2seq models; results are cached on disk, each entry
+  with a checksum (a corrupt entry is dropped with a warning and recomputed).
 - ``code_switch``: CoSDA-ML (Qin et al. 2020): replaces words with their
   translations from bilingual dictionaries into other languages.
 
@@ -59,7 +60,7 @@ WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 #: Candidates for one word: groups of replacements (one group per language for code_switch).
 Lookup = Callable[[str], Sequence[Sequence[str]]]
 
-#: ISO 639-1 code -> ISO 639-3 code, the whole ISO 639-1 list (183 languages, and sh: Serbo-Croatian).
+#: ISO 639-1 code -> ISO 639-3 code, for all 184 ISO 639-1 codes.
 ISO_639_1 = dict(pair.split(":") for pair in (
     "aa:aar ab:abk ae:ave af:afr ak:aka am:amh an:arg ar:ara as:asm av:ava ay:aym az:aze ba:bak be:bel bg:bul "
     "bi:bis bm:bam bn:ben bo:bod br:bre bs:bos ca:cat ce:che ch:cha co:cos cr:cre cs:ces cu:chu cv:chv cy:cym "
@@ -113,7 +114,8 @@ class AugmentSettings(PluginSettings):
         "target-language column (columns.text) and 'teacher' the source column.",
     )
     languages: list[str] | None = Field(
-        None, description="Augment only rows whose language tag (columns.lang) is listed; default: every row."
+        None, description="Augment only rows whose language tag (columns.lang) names a listed language (tags are "
+        "compared by ISO 639-3 code: en, eng and en_US are one language); default: every row.",
     )
 
 
@@ -126,11 +128,17 @@ class _Augment:
     name = "augment"
     #: Distinguishes this plugin's random draws from another plugin's in the same step.
     salt = 0
+    #: The option that says which languages the plugin's resources serve; None: every language is served.
+    resource_option: str | None = None
+    #: What a resource is called in messages.
+    resource_name = "resource"
 
     def __init__(self, settings: AugmentSettings):
         self.settings = settings
         self.parallel = False
         self.counts: dict[str, int] = {"augmented": 0}
+        self.wanted = None if settings.languages is None else {language_code(t) for t in settings.languages}
+        self.warned: set[str] = set()
 
     def error(self, option: str, message: str) -> ConfigError:
         return ConfigError(f"plugins.{self.name}.{option}: {message}")
@@ -144,6 +152,14 @@ class _Augment:
         """Return the augmented version of each text (the same text when nothing changed)."""
         raise NotImplementedError
 
+    def serves(self, lang: str) -> bool:
+        """Whether a resource serves texts tagged ``lang``."""
+        return True
+
+    def resource_note(self, lang: str) -> str:
+        """For messages: what resources there are, and how to apply one to ``lang`` on purpose."""
+        return ""
+
     # ---- hooks
 
     @hookimpl
@@ -154,6 +170,57 @@ class _Augment:
                 "side", "in mode 'same' the teacher and the student read one text; use 'student' (or 'both') to change it"
             )
         self.prepare(state)
+        self.check_languages(state)
+
+    def check_languages(self, state: Any) -> None:
+        """Refuse, before any step, a configuration whose resources can never serve a text it is to change."""
+        if self.resource_option is None:
+            return
+        s = self.settings
+        sides = self.sides()
+        if "teacher" in sides:
+            lang = s.teacher_language
+            if lang is None:
+                raise self.error("teacher_language", f"side '{s.side}' changes the teachers' source column (columns.source), "
+                                 "whose language the rows' tags do not give; set it, e.g. teacher_language: en")
+            if not self.serves(lang):
+                raise self.error("teacher_language", f"{self.missing(lang)}; {self.resource_note(lang)}")
+        if "student" not in sides:
+            return
+        if s.languages is not None:
+            unserved = [t for t in s.languages if not self.serves(t)]
+            if len(unserved) == len(s.languages) and "teacher" not in sides:
+                raise self.error("languages", f"{self.missing(unserved)}, so no row would ever be changed; "
+                                 f"{self.resource_note(unserved[0])}")
+            for t in unserved:
+                self.warn_skipped(t, f"plugins.{self.name}.languages")
+            return
+        sources = state.config.data.train
+        if sources and all(src.columns.lang is None for src in sources):  # every row's tag is known now
+            tags = sorted({src.lang or "und" for src in sources})
+            if not any(self.serves(t) for t in tags) and "teacher" not in sides:
+                untagged = " (rows of a source without `lang` or `columns.lang` are tagged 'und')" if "und" in tags else ""
+                raise self.error(self.resource_option, f"the training data's languages (data.train lang: {tags}){untagged}: "
+                                 f"{self.missing(tags)}, so no row would ever be changed; {self.resource_note(tags[0])}")
+
+    def missing(self, langs: str | list[str]) -> str:
+        return f"no {self.resource_name} serves {langs!r}"
+
+    def warn_skipped(self, lang: str, where: str) -> None:
+        """Say once per tag that its rows are left alone (they are also counted in NAME/skipped_rows)."""
+        if lang in self.warned:
+            return
+        self.warned.add(lang)
+        warnings.warn(
+            f"{where}: rows tagged {lang!r} are left alone: {self.missing(lang)} (counted in {self.name}/skipped_rows); "
+            f"{self.resource_note(lang)}", polydistill.PolydistillWarning, stacklevel=3,
+        )
+
+    def text_language(self, side: str, tag: str) -> str:
+        """The language of one side's text: the row's tag, or in mode 'parallel' ``teacher_language`` for the teacher."""
+        if side == "teacher" and self.parallel and self.resource_option is not None:
+            return self.settings.teacher_language
+        return tag
 
     def sides(self) -> list[str]:
         if not self.parallel:
@@ -166,26 +233,37 @@ class _Augment:
 
     def choose(self, batch: Any, generator: torch.Generator) -> list[int]:
         """Rows to augment: one uniform draw per row (all rows, so the choice of one row does not depend on others)."""
-        s = self.settings
         draws = torch.rand(len(batch), generator=generator).tolist()
-        return [
-            i for i, u in enumerate(draws)
-            if u < s.probability and (s.languages is None or batch.langs[i] in s.languages)
-        ]
+        return [i for i, u in enumerate(draws) if u < self.settings.probability and self.listed(batch.langs[i])]
+
+    def listed(self, lang: str) -> bool:
+        """Whether ``languages`` (by ISO 639-3 code) lets rows tagged ``lang`` be augmented."""
+        return self.wanted is None or language_code(lang) in self.wanted
 
     @hookimpl
     def augment_batch(self, batch: Any, state: Any) -> Any:
         if len(batch) == 0 or self.settings.probability == 0:
             return None
+        sides = self.sides()
+        served = [self.serves(lang) for lang in batch.langs]
+        if "student" in sides:
+            skipped = [lang for lang, ok in zip(batch.langs, served) if not ok and self.listed(lang)]
+            if self.resource_option is not None:
+                self.counts["skipped_rows"] += len(skipped)
+            for lang in dict.fromkeys(skipped):
+                self.warn_skipped(lang, f"plugins.{self.name}")
         generator = self.rng(state)
         rows = self.choose(batch, generator)
         if not rows:
             return None
         texts = {"student": list(batch.texts), "teacher": list(batch.teacher_texts)}
         changed: set[int] = set()
-        for side in self.sides():
-            new = self.augment_texts([texts[side][i] for i in rows], [batch.langs[i] for i in rows], side, generator, state)
-            for i, text in zip(rows, new):
+        for side in sides:
+            # the teacher's language (teacher_language) was checked in setup; each row's own language is checked here
+            mine = [i for i in rows if served[i]] if side == "student" else rows
+            langs = [self.text_language(side, batch.langs[i]) for i in mine]
+            new = self.augment_texts([texts[side][i] for i in mine], langs, side, generator, state)
+            for i, text in zip(mine, new):
                 if text != texts[side][i]:
                     texts[side][i] = text
                     changed.add(i)
@@ -195,7 +273,6 @@ class _Augment:
         augmented = {**batch.meta.get("augmented", {}), self.name: sorted(changed)}
         if not self.parallel:
             return batch.replace_texts(texts=texts["student"], augmented=augmented)
-        sides = self.sides()
         return batch.replace_texts(
             texts=texts["student"] if "student" in sides else None,
             teacher_texts=texts["teacher"] if "teacher" in sides else None,
@@ -316,6 +393,10 @@ class _WordSettings(AugmentSettings):
         1, ge=0, description="At least this many words are replaced in a chosen sample (when it has that many words "
         "with candidates), so a chosen sample does change; 0: only word_probability decides.",
     )
+    teacher_language: str | None = Field(
+        None, description="Language tag of the teachers' source column in mode 'parallel' (the rows' tags give the "
+        "student's language); required with side 'teacher' or 'both' when the resource is language-specific.",
+    )
 
 
 # --------------------------------------------------------------------------- synonym
@@ -380,8 +461,6 @@ def load_wordnet(root: Any, omw_root: Any = None) -> Any:
     Wordnet folder (``corpora/omw-1.4``) for other languages. Readers are
     kept per process.
     """
-    import warnings
-
     import nltk
     from nltk.corpus.reader import CorpusReader
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
@@ -428,11 +507,12 @@ class SynonymSettings(_WordSettings):
         None,
         description="A synonym table (UTF-8 TSV: word<TAB>synonym1<TAB>synonym2 ...) used instead of WordNet.",
     )
-    wordnet_lang: str | dict[str, str] = Field(
-        "eng",
-        description="WordNet language: 'eng' (Princeton WordNet) or an Open Multilingual Wordnet code such as 'fra', "
-        "'spa', 'ita' (needs the omw-1.4 data); or a mapping from row language tags to codes ({en: eng, es: spa}), "
-        "rows with other tags being left alone.",
+    wordnet_lang: str | dict[str, str] | None = Field(
+        None,
+        description="Which WordNet serves which rows. Default: each row's own language's WordNet (English for English "
+        "tags; an Open Multilingual Wordnet language when its data is found), other rows are left alone. A code "
+        "('eng', 'fra', 'spa', ...): only that WordNet, for rows of its language. A mapping from language tags to codes "
+        "({en: eng, es: spa}): exactly those languages, also on purpose across languages ({en: eng, sco: eng}).",
     )
     pos: list[Literal["n", "v", "a", "r"]] | None = Field(
         None, description="WordNet parts of speech to take synonyms from (n, v, a, r); default all."
@@ -456,36 +536,59 @@ class SynonymAugment(_Augment):
     Settings = SynonymSettings
     name = "synonym"
     salt = 1
+    resource_name = "WordNet"
 
     def __init__(self, settings: SynonymSettings):
         super().__init__(settings)
         self.settings: SynonymSettings = settings
-        self.counts["words"] = 0
+        self.counts.update(words=0, skipped_rows=0)
         self.table: dict[str, list[str]] | None = None
         self.wordnet: Any = None
+        #: ISO 639-3 code -> the WordNet serving it (when wordnet_lang is not a mapping).
+        self.wordnets: dict[str, str] = {}
+        self._codes: dict[str, str | None] = {}
         self._candidates: dict[tuple[str, str], list[str]] = {}
         # the built-in English list guards WordNet lookups; a user's own table is used as written
         default = () if settings.dictionary is not None else ENGLISH_STOPWORDS
         self.stopwords = {w.lower() for w in (default if settings.stopwords is None else settings.stopwords)}
 
+    @property
+    def resource_option(self) -> str | None:  # type: ignore[override]
+        # a synonym table has no language: it serves every row (`languages` restricts it)
+        return None if self.settings.dictionary is not None else "wordnet_lang"
+
     def prepare(self, state: Any) -> None:
         s = self.settings
-        if isinstance(s.wordnet_lang, dict) and self.parallel and s.side != "student":
-            raise self.error("wordnet_lang", "a mapping by row language tag names the student's language in mode 'parallel'; "
-                             "give one code for the teacher side")
         if s.dictionary is not None:
             self.table = read_word_table(state.config.resolve_path(s.dictionary), "dictionary", self.name)
             return
-        langs = set(s.wordnet_lang.values()) if isinstance(s.wordnet_lang, dict) else {s.wordnet_lang}
-        self.wordnet = self.find_wordnet(state, need_omw=bool(langs - {"eng"}))
-        if langs - {"eng"}:
-            known = set(self.wordnet.langs())
-            missing = sorted(langs - known)
-            if missing:
-                raise self.error("wordnet_lang", f"{missing} not in the Open Multilingual Wordnet data found; available: "
-                                 f"{', '.join(sorted(known))}")
+        mapping = s.wordnet_lang if isinstance(s.wordnet_lang, dict) else None
+        if mapping is not None:
+            by_code: dict[str, dict[str, str]] = {}
+            for tag, code in mapping.items():
+                by_code.setdefault(language_code(tag), {})[tag] = code
+            for iso, tags in by_code.items():
+                if len(set(tags.values())) > 1:
+                    raise self.error("wordnet_lang", f"{sorted(tags)} are tags of one language ({iso}) mapped to different "
+                                     f"WordNets ({tags}); keep one")
+            codes = set(mapping.values())
+        else:
+            codes = set() if s.wordnet_lang is None else {s.wordnet_lang}
+        # by default OMW languages serve their own rows when the data is there; it is not required
+        omw = "required" if codes - {"eng"} else "optional" if s.wordnet_lang is None else "no"
+        self.wordnet = self.find_wordnet(state, omw)
+        known = set(self.wordnet.langs())
+        missing = sorted(codes - known)
+        if missing:
+            raise self.error("wordnet_lang", f"{missing} not in the Open Multilingual Wordnet data found; available: "
+                             f"{', '.join(sorted(known))}")
+        if mapping is None:
+            for code in sorted(known) if s.wordnet_lang is None else [s.wordnet_lang]:
+                iso = language_code(code)  # ita_iwn, a second Italian wordnet, serves Italian unless 'ita' does
+                if code == iso or iso not in self.wordnets:
+                    self.wordnets[iso] = code
 
-    def find_wordnet(self, state: Any, need_omw: bool) -> Any:
+    def find_wordnet(self, state: Any, omw: Literal["no", "optional", "required"] = "no") -> Any:
         """Locate WordNet (and OMW) on disk, never downloading; a clear ConfigError when absent."""
         import nltk
 
@@ -524,21 +627,43 @@ class SynonymAugment(_Augment):
         if root is None:
             raise self.error("nltk_data", f"WordNet was not found (searched {', '.join(search + SYSTEM_WORDNET_DIRS)}); "
                              f"{WORDNET_INSTALL_HINT}; or give a synonym table with `dictionary`")
-        omw = None
-        if need_omw:
-            omw = find("omw-1.4") or find("omw-2.0") or find("omw")
-            if omw is None:
+        omw_root = None
+        if omw != "no":
+            omw_root = find("omw-1.4") or find("omw-2.0") or find("omw")
+            if omw_root is None and omw == "required":
                 raise self.error("wordnet_lang", "languages other than 'eng' need the Open Multilingual Wordnet data "
                                  "(corpora/omw-1.4), not found; on a machine with network run `python -m nltk.downloader "
                                  "-d DIR omw-1.4` and set `nltk_data: DIR`")
         try:
-            return load_wordnet(root, omw)
+            return load_wordnet(root, omw_root)
         except (OSError, ValueError, LookupError) as exc:
             raise self.error("wordnet_dir" if s.wordnet_dir else "nltk_data", f"cannot read WordNet at {root}: {exc}") from None
 
     def wordnet_code(self, lang: str) -> str | None:
-        code = self.settings.wordnet_lang
-        return code.get(lang) if isinstance(code, dict) else code
+        """The WordNet serving texts tagged ``lang``, or None: the exact tag in a mapping, else by ISO 639-3 code."""
+        if lang not in self._codes:
+            mapping = self.settings.wordnet_lang
+            if isinstance(mapping, dict):
+                code = mapping.get(lang)
+                if code is None:
+                    iso = language_code(lang)
+                    code = next((c for tag, c in mapping.items() if language_code(tag) == iso), None)
+            else:
+                code = self.wordnets.get(language_code(lang))
+            self._codes[lang] = code
+        return self._codes[lang]
+
+    def serves(self, lang: str) -> bool:
+        return self.table is not None or self.wordnet_code(lang) is not None
+
+    def resource_note(self, lang: str) -> str:
+        mapping = self.settings.wordnet_lang
+        if isinstance(mapping, dict):
+            return f"wordnet_lang maps {sorted(mapping)}; add {lang!r} to it to use a WordNet for it on purpose"
+        have = sorted(set(self.wordnets.values()))
+        example = ", ".join([*(f"{c}: {c}" for c in have), f"{lang}: eng"])
+        return (f"WordNets found: {', '.join(have)}; to use one for it on purpose, map it (a mapping lists every "
+                f"language to augment), e.g. wordnet_lang: {{{example}}}")
 
     def synonyms(self, word: str, code: str) -> list[str]:
         """WordNet synonyms of ``word`` (lower case) in language ``code``, filtered and in a fixed order."""
@@ -572,7 +697,7 @@ class SynonymAugment(_Augment):
                 table = self.table
                 lookup: Lookup = lambda w: [table[w]] if w in table and w not in self.stopwords else []  # noqa: E731
             else:
-                code = self.wordnet_code(lang) if side == "student" or not self.parallel else self.settings.wordnet_lang
+                code = self.wordnet_code(lang)
                 if code is None:
                     out.append(text)
                     continue
@@ -590,6 +715,11 @@ class CodeSwitchSettings(_WordSettings):
     dictionaries: dict[str, str] = Field(
         description="Target language -> bilingual dictionary file (MUSE style: one 'source_word target_word' pair "
         "per line, space- or tab-separated; a word may have several lines).",
+    )
+    dictionary_languages: list[str] = Field(
+        ["en"], min_length=1, description="The language of the dictionaries' source words: only texts in a listed "
+        "language are switched (tags compared by ISO 639-3 code). Default: English, as in MUSE's en-X dictionaries; "
+        "list another language to switch its texts with these dictionaries on purpose.",
     )
     target_languages: list[str] | None = Field(
         None, description="Languages to switch into (keys of `dictionaries`); default all of them."
@@ -612,12 +742,22 @@ class CodeSwitch(_Augment):
     Settings = CodeSwitchSettings
     name = "code_switch"
     salt = 3
+    resource_option = "dictionary_languages"
+    resource_name = "dictionary"
 
     def __init__(self, settings: CodeSwitchSettings):
         super().__init__(settings)
         self.settings: CodeSwitchSettings = settings
-        self.counts["words"] = 0
+        self.counts.update(words=0, skipped_rows=0)
         self.tables: dict[str, dict[str, list[str]]] = {}
+        self.sources = {language_code(t) for t in settings.dictionary_languages}
+
+    def serves(self, lang: str) -> bool:
+        return language_code(lang) in self.sources
+
+    def resource_note(self, lang: str) -> str:
+        return (f"the dictionaries are from {self.settings.dictionary_languages} (dictionary_languages); add {lang!r} "
+                "there to switch its texts with them on purpose")
 
     def prepare(self, state: Any) -> None:
         s = self.settings
@@ -699,6 +839,7 @@ class BackTranslation(_Augment):
         self.models: dict[str, tuple[Any, Any]] = {}
         self.generate_calls = 0
         self.db: sqlite3.Connection | None = None
+        self.db_path: Path | None = None
         self.prefix = ""
         self.memory: dict[str, str] = {}
 
@@ -723,10 +864,17 @@ class BackTranslation(_Augment):
         if s.cache:
             directory = Path(s.cache_dir).expanduser() if s.cache_dir else Path.home() / ".cache" / "polydistill" / "back-translation"
             directory.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(directory / "back-translation.sqlite", timeout=60, check_same_thread=False)
+            self.db_path = directory / "back-translation.sqlite"
+            self.db = sqlite3.connect(self.db_path, timeout=60, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS translations (key TEXT PRIMARY KEY, pivot TEXT, result TEXT)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS translations (key TEXT PRIMARY KEY, pivot TEXT, result TEXT, crc INTEGER)")
+            if "crc" not in [row[1] for row in self.db.execute("PRAGMA table_info(translations)")]:
+                try:  # a cache written before entries had checksums: its entries are read without one
+                    self.db.execute("ALTER TABLE translations ADD COLUMN crc INTEGER")
+                except sqlite3.OperationalError:  # another run sharing the folder added it first
+                    pass
             self.db.commit()
+            self.db.text_factory = bytes  # decoded by `stored`: a corrupt byte may leave a text that is not UTF-8
 
     @hookimpl
     def on_train_end(self, state: Any) -> None:
@@ -736,6 +884,24 @@ class BackTranslation(_Augment):
 
     def key(self, text: str) -> str:
         return hashlib.sha1((self.prefix + text).encode("utf-8")).hexdigest()
+
+    @staticmethod
+    def checksum(key: str, pivot: str, result: str) -> int:
+        """CRC-32 of an entry's key and texts, so a changed byte or an entry under another key is detected."""
+        return zlib.crc32("\0".join((key, pivot, result)).encode("utf-8"))
+
+    def stored(self, key: str, pivot: Any, result: Any, crc: Any) -> str:
+        """A cache entry's result; ValueError saying why it cannot be used. Entries without a checksum (written
+        before there were checksums) are used when their result is text."""
+        try:
+            pivot, result = (v.decode("utf-8") if isinstance(v, bytes) else v for v in (pivot, result))
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
+        if not isinstance(result, str):
+            raise ValueError("the result is not text")
+        if crc is not None and (not isinstance(pivot, str) or self.checksum(key, pivot, result) != crc):
+            raise ValueError("checksum mismatch")
+        return result
 
     def load(self, which: str, device: Any) -> tuple[Any, Any]:
         """Load a model and its tokenizer on first use (a run served from the cache loads none)."""
@@ -786,10 +952,23 @@ class BackTranslation(_Augment):
         if self.db is not None:
             keys = {self.key(t): t for t in wanted}
             items = list(keys)
+            corrupt: list[str] = []
             for start in range(0, len(items), 500):
                 part = items[start : start + 500]
-                rows = self.db.execute(f"SELECT key, result FROM translations WHERE key IN ({','.join('?' * len(part))})", part)
-                found.update({keys[k]: r for k, r in rows})
+                rows = self.db.execute(
+                    f"SELECT key, pivot, result, crc FROM translations WHERE key IN ({','.join('?' * len(part))})", part
+                ).fetchall()
+                for k, pivot, result, crc in rows:
+                    k = k.decode("ascii")  # a hex digest, matched by the query
+                    try:
+                        found[keys[k]] = self.stored(k, pivot, result, crc)
+                    except ValueError as exc:
+                        corrupt.append(k)
+                        warnings.warn(f"back-translation cache {self.db_path}: corrupt entry {k[:12]} ({exc}); dropped, "
+                                      "the text is translated again", polydistill.PolydistillWarning, stacklevel=2)
+            if corrupt:
+                self.db.executemany("DELETE FROM translations WHERE key = ?", [(k,) for k in corrupt])
+                self.db.commit()
         self.counts["cache_hits"] += len(found)
         missing = [t for t in wanted if t not in found]
         if missing:
@@ -798,9 +977,10 @@ class BackTranslation(_Augment):
             self.counts["translated"] += len(missing)
             found.update(zip(missing, back))
             if self.db is not None:
+                entries = [(self.key(t), p, b) for t, p, b in zip(missing, pivot, back)]
                 self.db.executemany(
-                    "INSERT OR REPLACE INTO translations (key, pivot, result) VALUES (?, ?, ?)",
-                    [(self.key(t), p, b) for t, p, b in zip(missing, pivot, back)],
+                    "INSERT OR REPLACE INTO translations (key, pivot, result, crc) VALUES (?, ?, ?, ?)",
+                    [(k, p, b, self.checksum(k, p, b)) for k, p, b in entries],
                 )
                 self.db.commit()
         return found

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
+import warnings
+from contextlib import closing
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import polydistill
-from polydistill import ConfigError, hookimpl
+from polydistill import ConfigError, PolydistillWarning, hookimpl
 from polydistill.loop import TrainState
 from polydistill.tiny import train_tokenizer
 from polydistill_plugins.augment import BackTranslation
@@ -113,8 +116,10 @@ def test_disk_cache_translates_each_text_once_across_epochs_and_runs(models, dat
     assert bt.generate_calls == 0 and bt.models == {}  # a second run neither translates nor loads the translators
     assert sum(r["back_translation/cache_hits"] for r in again.history if "loss" in r) == 12
 
-    bt = BackTranslation(BackTranslation.Settings(**{**opts, "cache": False}))
-    polydistill.train(cfg, plugins=[("back_translation", bt)])
+    uncached = {**opts, "cache": False}
+    bt = BackTranslation(BackTranslation.Settings(**uncached))
+    polydistill.train(parallel_config(models, data, tmp_path / "uncached", training__epochs=2,
+                                      plugins={"back_translation": uncached}), plugins=[("back_translation", bt)])
     assert bt.generate_calls == 2 * 6  # forward + backward, each step of both epochs
 
 
@@ -172,3 +177,60 @@ def test_augment_batch_directly_uses_state_rng(translators, tmp_path):
 
     assert rows(0, 3, 7) == rows(0, 3, 7)
     assert rows(0, 3, 7) != rows(0, 3, 8) != rows(1, 3, 7)
+
+
+def started(translators, tmp_path, **extra) -> BackTranslation:
+    """A plugin after its setup hook, as a run in mode 'same' would have it."""
+    bt = BackTranslation(BackTranslation.Settings(**options(translators, tmp_path, **extra)))
+    bt.setup(SimpleNamespace(task="sequence_classification", config=SimpleNamespace(
+        mode="same", resolve_path=lambda p: p, training=SimpleNamespace(seed=0))))
+    return bt
+
+
+@pytest.mark.parametrize("byte, why", [(b"Q", "checksum mismatch"), (b"\xff", "not UTF-8 text")], ids=["changed", "not-utf8"])
+def test_a_corrupt_cache_entry_is_dropped_with_a_warning_and_translated_again(translators, tmp_path, byte, why):
+    texts = sorted(GERMAN)
+    first = started(translators, tmp_path)
+    good = first.round_trip(texts, seed=0, device="cpu")
+    first.on_train_end(None)  # closes the database, which moves the WAL's pages into the file
+    path = tmp_path / "bt-cache" / "back-translation.sqlite"
+    # SQLite stores a row's values one after the other: key, pivot, result; find one entry's result in the file
+    victim = texts[0]
+    with closing(sqlite3.connect(path)) as db:
+        (pivot,) = db.execute("SELECT pivot FROM translations WHERE key = ?", (first.key(victim),)).fetchone()
+    raw = bytearray(path.read_bytes())
+    record = (first.key(victim) + pivot + good[victim]).encode()
+    assert raw.count(record) == 1
+    at = raw.index(record) + len(record) - 1  # the result's last byte
+    assert raw[at] != byte[0]
+    raw[at] = byte[0]  # one byte changed on disk
+    path.write_bytes(bytes(raw))
+
+    again = started(translators, tmp_path)
+    with pytest.warns(PolydistillWarning, match=r"back-translation cache .*back-translation\.sqlite: corrupt entry "
+                      rf"[0-9a-f]{{12}} \({why}\); dropped, the text is translated again") as caught:
+        assert again.round_trip(texts, seed=0, device="cpu") == good  # the corrupt result is never returned
+    assert len(caught) == 1
+    assert again.counts["translated"] == 1 and again.counts["cache_hits"] == len(texts) - 1
+    again.on_train_end(None)
+
+    third = started(translators, tmp_path)  # the recomputed entry was stored with a valid checksum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert third.round_trip(texts, seed=0, device="cpu") == good
+    assert third.generate_calls == 0 and third.counts["cache_hits"] == len(texts)
+
+
+def test_a_cache_written_before_checksums_is_still_read(translators, tmp_path):
+    texts = sorted(GERMAN)
+    keys = started(translators, tmp_path, cache=False)  # the same cache keys, no database
+    (tmp_path / "bt-cache").mkdir()
+    with closing(sqlite3.connect(tmp_path / "bt-cache" / "back-translation.sqlite")) as db, db:
+        db.execute("CREATE TABLE translations (key TEXT PRIMARY KEY, pivot TEXT, result TEXT)")  # the schema before checksums
+        db.executemany("INSERT INTO translations VALUES (?, ?, ?)",
+                       [(keys.key(t), f"pivot {i}", f"paraphrase {i}") for i, t in enumerate(texts)])
+    bt = started(translators, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bt.round_trip(texts, seed=0, device="cpu") == {t: f"paraphrase {i}" for i, t in enumerate(texts)}
+    assert bt.generate_calls == 0 and bt.models == {}

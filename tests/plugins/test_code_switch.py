@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import polydistill
-from polydistill import ConfigError, hookimpl
+from polydistill import ConfigError, PolydistillWarning, hookimpl
 from polydistill import models as M
 from polydistill.loop import TrainState
 from polydistill_plugins.augment import CodeSwitch, replace_words
@@ -115,13 +115,14 @@ def test_per_sample_probability_and_language_filter(dictionaries):
     p = plugin(dictionaries, probability=0.3, languages=["en"])
 
     class Rows:
-        langs = ["en", "de"] * 2000
+        # `languages` names languages: each English tag form is listed by "en", no German one
+        langs = ["en", "de", "eng", "deu", "en_US", "de-DE", "EN-gb", "ger"] * 500
 
         def __len__(self):
             return len(self.langs)
 
     rows = p.choose(Rows(), torch.Generator().manual_seed(0))
-    assert all(Rows.langs[i] == "en" for i in rows)
+    assert {Rows.langs[i] for i in rows} == {"en", "eng", "en_US", "EN-gb"}
     assert len(rows) / 2000 == pytest.approx(0.3, abs=0.03)
 
 
@@ -150,7 +151,7 @@ def test_teacher_reads_the_switched_text_and_its_outputs_are_recomputed(models, 
 def test_parallel_mode_switches_only_the_chosen_side(models, data, tmp_path, dictionaries):
     seen = Seen()
     options = {"dictionaries": dictionaries, "probability": 1.0, "word_probability": 1.0, "side": "teacher",
-               "target_languages": ["fr"]}
+               "teacher_language": "en", "target_languages": ["fr"]}
     polydistill.train(parallel_config(models, data, tmp_path, plugins={"code_switch": options}), plugins=[("seen", seen)])
     pairs = {de: en for en, de, _ in PAIRS}
     expected = {en: " ".join(FR.get(w, w) for w in en.split()) for en, _, _ in PAIRS}
@@ -160,7 +161,8 @@ def test_parallel_mode_switches_only_the_chosen_side(models, data, tmp_path, dic
 
 
 def test_training_by_entry_point_name_logs_counts(models, data, tmp_path, dictionaries):
-    options = {"dictionaries": dictionaries, "probability": 1.0, "word_probability": 1.0, "side": "teacher"}
+    options = {"dictionaries": dictionaries, "probability": 1.0, "word_probability": 1.0, "side": "teacher",
+               "teacher_language": "en"}
     result = polydistill.train(parallel_config(models, data, tmp_path, plugins={"code_switch": options}))
     steps = [r for r in result.history if "loss" in r]
     # every English source sentence has dictionary words; 12 rows in batches of 4
@@ -178,23 +180,30 @@ def test_same_seed_same_switches_other_seed_other_switches(models, data, tmp_pat
         polydistill.train(cfg, plugins=[("seen", seen)])
         return [row[0] for row in seen.rows]
 
-    assert texts(3, "a") == texts(3, "b")
-    assert texts(3, "a") != texts(4, "c")
+    first = texts(3, "a")  # each run in its own folder: a run's output_dir is not reused
+    assert first == texts(3, "b")
+    assert first != texts(4, "c")
 
 
 
+@pytest.mark.filterwarnings("ignore:plugins.code_switch. rows tagged 'de' are left alone")  # asserted in the first run
 def test_resumed_run_switches_and_trains_exactly_like_an_uninterrupted_one(models, data, tmp_path, dictionaries):
-    options = {"dictionaries": dictionaries, "side": "teacher", "word_probability": 0.5}
+    # side both: the English teacher column is switched, the German student rows are skipped (en-X dictionaries)
+    options = {"dictionaries": dictionaries, "side": "both", "teacher_language": "en", "word_probability": 0.5}
     overrides = dict(training__epochs=2, data__batch_size=3, training__gradient_accumulation_steps=2,
                      plugins={"code_switch": options})
     seen_a = Seen()
-    straight = polydistill.train(parallel_config(models, data, tmp_path / "a", **overrides), plugins=[("seen", seen_a)])
+    with pytest.warns(PolydistillWarning, match="rows tagged 'de' are left alone"):
+        straight = polydistill.train(parallel_config(models, data, tmp_path / "a", **overrides), plugins=[("seen", seen_a)])
+    assert all(t in {de for _, de, _ in PAIRS} for texts, _, _, _ in seen_a.rows for t in texts)
+    assert sum(r["code_switch/skipped_rows"] for r in straight.history if "loss" in r) == 2 * 12
     cfg = parallel_config(models, data, tmp_path / "b", **overrides)
     with pytest.raises(KeyboardInterrupt):
         polydistill.train(cfg, plugins=[("stop", StopAt(3))])
     seen_b = Seen()
     resumed = polydistill.train(cfg, resume=tmp_path / "b" / "run", plugins=[("seen", seen_b)])
-    assert [r[1] for r in seen_a.rows][-len(seen_b.rows):] == [r[1] for r in seen_b.rows]  # same switched texts
+    # the same switched teacher texts (and untouched student texts) after the resume
+    assert [r[:2] for r in seen_a.rows][-len(seen_b.rows):] == [r[:2] for r in seen_b.rows]
     a, b = (load_file(str(r.output_dir / "student" / "model.safetensors")) for r in (straight, resumed))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
@@ -224,3 +233,56 @@ def test_global_random_state_is_untouched(dictionaries):
     assert random.getstate() == before[0]
     assert (np.random.get_state()[1] == before[1]).all()
     assert torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_rows_in_a_language_without_a_dictionary_are_left_alone_and_counted(models, data, tmp_path, dictionaries):
+    """en-X dictionaries switch English rows only: German rows keep their words ("das team", "der wind")."""
+    seen = Seen()
+    cfg = same_config(models, data, tmp_path, plugins={"code_switch": {"dictionaries": dictionaries, "probability": 1.0,
+                                                                         "word_probability": 1.0}})
+    with pytest.warns(PolydistillWarning, match=r"plugins\.code_switch: rows tagged 'de' are left alone: no dictionary "
+                      r"serves 'de' \(counted in code_switch/skipped_rows\); the dictionaries are from \['en'\]"):
+        result = polydistill.train(cfg, plugins=[("seen", seen)])
+    english = {en for en, _, _ in PAIRS}
+    german = {de for _, de, _ in PAIRS}
+    assert {"das team hat das spiel gewonnen", "der wind ist kalt"} <= german  # words the en-X dictionaries have
+    rows = [(text, i in augmented.get("code_switch", [])) for texts, _, augmented, _ in seen.rows for i, text in enumerate(texts)]
+    assert sorted(text for text, switched in rows if not switched) == sorted(german)
+    assert sum(switched for _, switched in rows) == 12 and not any(text in english for text, _ in rows)
+    steps = [r for r in result.history if "loss" in r]
+    assert sum(r["code_switch/skipped_rows"] for r in steps) == 12
+
+
+def test_dictionary_languages_apply_the_dictionaries_to_another_language_on_purpose(models, data, tmp_path, dictionaries):
+    seen = Seen()
+    options = {"dictionaries": {"fr": dictionaries["fr"]}, "probability": 1.0, "word_probability": 1.0,
+               "dictionary_languages": ["deu"]}  # ISO 639-3 here, 'de' in the data: one language
+    with pytest.warns(PolydistillWarning, match=r"rows tagged 'en' are left alone: no dictionary serves 'en'"):
+        result = polydistill.train(same_config(models, data, tmp_path, plugins={"code_switch": options}), plugins=[("seen", seen)])
+    texts = [t for texts, _, _, _ in seen.rows for t in texts]
+    assert "das équipe hat das spiel gewonnen" in texts and "der vent ist kalt" in texts
+    assert sorted(t for t in texts if t in {en for en, _, _ in PAIRS}) == sorted(en for en, _, _ in PAIRS)  # English: skipped
+    assert sum(r["code_switch/skipped_rows"] for r in result.history if "loss" in r) == 12
+
+
+def test_configurations_that_could_never_switch_a_row_are_refused(models, data, tmp_path, dictionaries):
+    def train(options, **extra):
+        polydistill.train(parallel_config(models, data, tmp_path, plugins={"code_switch": {"dictionaries": dictionaries, **options}}, **extra))
+
+    with pytest.raises(ConfigError, match=r"plugins\.code_switch\.languages: no dictionary serves \['de', 'fr'\], so no row "
+                       r"would ever be changed; the dictionaries are from \['en'\] \(dictionary_languages\); add 'de' there"):
+        train({"languages": ["de", "fr"]})
+    with pytest.raises(ConfigError, match=r"plugins\.code_switch\.teacher_language: side 'teacher' changes the teachers' "
+                       r"source column \(columns\.source\), whose language the rows' tags do not give; set it"):
+        train({"side": "teacher"})
+    with pytest.raises(ConfigError, match=r"plugins\.code_switch\.teacher_language: no dictionary serves 'de'"):
+        train({"side": "both", "teacher_language": "de"})
+    # every row's tag is known from the config (a source's `lang`, no `columns.lang`): German only
+    with pytest.raises(ConfigError, match=r"plugins\.code_switch\.dictionary_languages: the training data's languages "
+                       r"\(data\.train lang: \['de'\]\): no dictionary serves \['de'\], so no row would ever be changed"):
+        train({}, data__train__columns__lang=None, data__train__lang="de")
+    with pytest.raises(ConfigError, match=r"data\.train lang: \['und'\]\) \(rows of a source without `lang` or "
+                       r"`columns\.lang` are tagged 'und'\)"):
+        train({}, data__train__columns__lang=None)
+    with pytest.raises(ConfigError, match=r"plugins\.code_switch\.dictionary_languages"):
+        train({"dictionary_languages": []})

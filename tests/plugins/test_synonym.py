@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import polydistill
-from polydistill import ConfigError, hookimpl
+from polydistill import ConfigError, PolydistillWarning, hookimpl
 from polydistill.loop import TrainState
 from polydistill_plugins import augment
 from polydistill_plugins.augment import SynonymAugment, load_wordnet
@@ -172,7 +172,7 @@ def test_wordnet_synonyms_without_any_download(models, data, tmp_path, monkeypat
 
     monkeypatch.setattr(nltk, "download", refuse)
     seen = Seen()
-    options = {"probability": 1.0, "word_probability": 1.0, "side": "teacher", "pos": ["n", "a"]}
+    options = {"probability": 1.0, "word_probability": 1.0, "side": "teacher", "teacher_language": "en", "pos": ["n", "a"]}
     polydistill.train(parallel_config(models, data, tmp_path, plugins={"synonym": options}), plugins=[("seen", seen)])
     wn = load_wordnet("/usr/share/wordnet")
     pairs = {de: en for en, de, _ in PAIRS}
@@ -207,6 +207,11 @@ def test_open_multilingual_wordnet_language_from_a_local_nltk_data_folder(tmp_pa
     assert out == ["La potage est chaude.", "Le soupe est brûlant.", "the soup is hot"]  # 'en' rows have no code: left alone
     with pytest.raises(ConfigError, match=r"plugins\.synonym\.wordnet_lang: \['spa'\] not in the Open Multilingual Wordnet"):
         plugin(nltk_data=str(tmp_path / "nltk_data"), wordnet_lang="spa")
+    # by default each row gets its own language's WordNet: French from the OMW data found, English from WordNet
+    auto = plugin(nltk_data=str(tmp_path / "nltk_data"), word_probability=1.0, stopwords=[])
+    assert [auto.wordnet_code(t) for t in ("fr", "fra", "fre", "fr_CA", "en", "de")] == ["fra", "fra", "fra", "fra", "eng", None]
+    out = auto.augment_texts(["La soupe est chaude.", "the soup is hot"], ["fr_FR", "en"], "student", auto.rng(state), state)
+    assert out[0] == "La potage est chaude." and out[1] != "the soup is hot"
 
 
 def test_missing_wordnet_is_a_config_error_with_install_instructions(tmp_path, monkeypatch):
@@ -231,3 +236,82 @@ def test_missing_wordnet_is_a_config_error_with_install_instructions(tmp_path, m
 def test_side_teacher_in_same_mode_is_refused(models, data, tmp_path, table):
     with pytest.raises(ConfigError, match=r"plugins\.synonym\.side: in mode 'same'"):
         polydistill.train(same_config(models, data, tmp_path, plugins={"synonym": {"dictionary": table, "side": "teacher"}}))
+
+
+class SeenLangs:
+    def __init__(self):
+        self.rows = []
+
+    @hookimpl
+    def loss_terms(self, batch, student_out, teacher_out, state):
+        self.rows += zip(batch.langs, batch.texts, batch.teacher_texts)
+
+
+@needs_wordnet
+def test_english_wordnet_leaves_german_rows_alone_and_counts_them(models, data, tmp_path):
+    wn = load_wordnet("/usr/share/wordnet")
+    assert all(wn.synsets(w) for w in ("die", "hat", "team", "wind"))  # German words English WordNet would rewrite
+    seen = Seen()
+    options = {"probability": 1.0, "word_probability": 1.0}  # parallel mode, side student: the German column
+    with pytest.warns(PolydistillWarning, match=r"plugins\.synonym: rows tagged 'de' are left alone: no WordNet serves 'de' "
+                      r"\(counted in synonym/skipped_rows\); WordNets found: eng; to use one for it on purpose, map it "
+                      r"\(a mapping lists every language to augment\), e\.g\. wordnet_lang: \{eng: eng, de: eng\}"):
+        result = polydistill.train(parallel_config(models, data, tmp_path, plugins={"synonym": options}), plugins=[("seen", seen)])
+    assert sorted(t for texts, _, _, _ in seen.rows for t in texts) == sorted(GERMAN)
+    assert all(not augmented for _, _, augmented, _ in seen.rows)
+    steps = [r for r in result.history if "loss" in r]
+    assert [r["synonym/skipped_rows"] for r in steps] == [4.0, 4.0, 4.0]
+    assert [r["synonym/augmented"] for r in steps] == [0.0, 0.0, 0.0]
+
+
+@needs_wordnet
+def test_rows_are_matched_to_their_wordnet_by_iso_639_code(models, data, tmp_path):
+    english = ["en", "eng", "en_US", "EN-gb", "eng_Latn"]
+    other = ["de", "deu", "ger", "de_DE", "fr", "und"]
+    path = write_jsonl(tmp_path / "tags.jsonl", [{"text": "the soup is hot", "label": "food", "lang": t} for t in english + other])
+    cfg = same_config(models, data, tmp_path, plugins={"synonym": {"probability": 1.0, "word_probability": 1.0}})
+    cfg["data"]["train"] = {"path": str(path), "columns": {"label": "label", "lang": "lang"}}
+    seen = SeenLangs()
+    with pytest.warns(PolydistillWarning) as caught:
+        result = polydistill.train(cfg, plugins=[("seen", seen)])
+    assert len(seen.rows) == 11
+    for lang, text, _ in seen.rows:
+        assert (text != "the soup is hot") == (lang in english), lang
+    assert sum(r["synonym/skipped_rows"] for r in result.history if "loss" in r) == len(other)
+    warned = {m for w in caught for m in other if f"rows tagged {m!r} are left alone" in str(w.message)}
+    assert warned == set(other)
+
+
+@needs_wordnet
+def test_a_mapping_applies_english_wordnet_to_german_rows_on_purpose(models, data, tmp_path):
+    seen = Seen()
+    options = {"probability": 1.0, "word_probability": 1.0, "pos": ["n"], "wordnet_lang": {"de": "eng"}}
+    result = polydistill.train(parallel_config(models, data, tmp_path, plugins={"synonym": options}), plugins=[("seen", seen)])
+    texts = [t for texts, _, _, _ in seen.rows for t in texts]
+    assert "die suppe ist heiß" not in texts and "das team hat das spiel gewonnen" not in texts  # die, team: English nouns
+    assert sum(r["synonym/skipped_rows"] for r in result.history if "loss" in r) == 0
+
+
+@needs_wordnet
+def test_wordnet_configurations_that_could_never_change_a_row_are_refused(models, data, tmp_path):
+    def train(options, **extra):
+        polydistill.train(parallel_config(models, data, tmp_path, plugins={"synonym": options}, **extra))
+
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.languages: no WordNet serves \['de', 'fr'\], so no row would "
+                       r"ever be changed; WordNets found: eng; .* wordnet_lang: \{eng: eng, de: eng\}"):
+        train({"languages": ["de", "fr"]})
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.teacher_language: side 'teacher' changes the teachers' source "
+                       r"column \(columns\.source\), whose language the rows' tags do not give; set it, e\.g\. teacher_language: en"):
+        train({"side": "teacher"})
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.teacher_language: no WordNet serves 'de'"):
+        train({"side": "teacher", "teacher_language": "de"})
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.wordnet_lang: the training data's languages \(data\.train "
+                       r"lang: \['de'\]\): no WordNet serves \['de'\], so no row would ever be changed"):
+        train({}, data__train__columns__lang=None, data__train__lang="de")
+    with pytest.raises(ConfigError, match=r"plugins\.synonym\.wordnet_lang: \['de', 'de_DE'\] are tags of one language "
+                       r"\(deu\) mapped to different WordNets"):
+        plugin(wordnet_lang={"en": "eng", "de": "eng", "de_DE": "fra"})
+    # some listed languages have a WordNet: the others are warned about up front, and the run goes on
+    p = SynonymAugment(SynonymAugment.Settings(languages=["en", "de"]))
+    with pytest.warns(PolydistillWarning, match=r"plugins\.synonym\.languages: rows tagged 'de' are left alone"):
+        p.setup(fake_state())

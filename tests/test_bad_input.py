@@ -88,14 +88,14 @@ def plugin_optional_dependency_missing(models, data, tmp_path, mp):
 def missing_data_file(models, data, tmp_path, mp):
     cfg = parallel_config(models, data, tmp_path)
     cfg["data"]["train"]["path"] = str(tmp_path / "missing.jsonl")
-    return _train(tmp_path, cfg), [f"data: file not found: {tmp_path / 'missing.jsonl'}"]
+    return _train(tmp_path, cfg), [f"data.train[0].path: file not found: {tmp_path / 'missing.jsonl'}"]
 
 
 def empty_data_file(models, data, tmp_path, mp):
     (tmp_path / "empty.jsonl").write_text("")
     cfg = parallel_config(models, data, tmp_path)
     cfg["data"]["train"]["path"] = str(tmp_path / "empty.jsonl")
-    return _train(tmp_path, cfg), [f"data: file is empty: {tmp_path / 'empty.jsonl'}"]
+    return _train(tmp_path, cfg), [f"data.train[0].path: file is empty: {tmp_path / 'empty.jsonl'}"]
 
 
 def filter_leaves_no_rows(models, data, tmp_path, mp):
@@ -107,7 +107,7 @@ def filter_leaves_no_rows(models, data, tmp_path, mp):
 def missing_column(models, data, tmp_path, mp):
     cfg = parallel_config(models, data, tmp_path)
     cfg["data"]["train"]["columns"]["text"] = "deutsch"
-    return _train(tmp_path, cfg), [str(data["parallel"]), "column 'deutsch' (columns.text) not found", "columns are: en, de, label, lang"]
+    return _train(tmp_path, cfg), ["data.train[0].columns.text: column 'deutsch' not found", "columns are: en, de, label, lang"]
 
 
 def _aligned(tmp_path, en: bytes, de: bytes) -> dict:
@@ -187,7 +187,7 @@ def gan_with_different_vocabularies(models, data, tmp_path, mp):
 def model_path_does_not_exist(models, data, tmp_path, mp):
     cfg = parallel_config(models, data, tmp_path)
     cfg["teachers"][0]["model"] = str(tmp_path / "no-such-model")
-    return _train(tmp_path, cfg), [f"teachers[0]: no such model directory: {tmp_path / 'no-such-model'}"]
+    return _train(tmp_path, cfg), [f"teachers[0].model: no such directory: {tmp_path / 'no-such-model'}"]
 
 
 def model_path_is_not_a_model(models, data, tmp_path, mp):
@@ -196,7 +196,7 @@ def model_path_is_not_a_model(models, data, tmp_path, mp):
     (folder / "README.txt").write_text("not a model")
     cfg = parallel_config(models, data, tmp_path)
     cfg["teachers"][0]["model"] = str(folder)
-    return _train(tmp_path, cfg), ["teachers[0]", str(folder), "cannot load"]
+    return _train(tmp_path, cfg), [f"teachers[0].model: {folder} has no config.json (not a transformers model directory)"]
 
 
 def override_of_unknown_field(models, data, tmp_path, mp):
@@ -251,8 +251,8 @@ def test_debug_flag_and_environment_show_the_traceback(models, data, tmp_path, m
     argv, _ = missing_column(models, data, tmp_path, monkeypatch)
     assert main(["--debug", *argv]) == 2
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and "DataError" in err
-    assert err.rstrip().splitlines()[-1].startswith("polydistill: error: data ")
+    assert "Traceback (most recent call last)" in err and "ConfigError" in err
+    assert err.rstrip().splitlines()[-1].startswith("polydistill: error: config: data.train[0].columns.text")
     assert main([*argv, "--debug"]) == 2  # after the command too
     assert "Traceback" in capsys.readouterr().err
     monkeypatch.setenv("POLYDISTILL_DEBUG", "1")

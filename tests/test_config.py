@@ -119,6 +119,9 @@ def test_cli_validate_prints_errors_without_traceback(tmp_path, capsys):
     assert "plugins.kd.temprature: unknown option; did you mean 'temperature'?" in err
     assert "Traceback" not in err
     path.write_text("task: embedding\nstudent: {model: m}\ndata: {train: {path: x.jsonl}}\n")
+    assert main(["config", "validate", str(path)]) == 2
+    assert f"data.train[0].path: file not found: x.jsonl (looked in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "x.jsonl").write_text('{"text": "hello"}\n')
     assert main(["config", "validate", str(path)]) == 0
     assert "valid" in capsys.readouterr().out
 

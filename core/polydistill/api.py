@@ -30,38 +30,46 @@ def train(
     resume: str | Path | None = None,
     plugins: Iterable[tuple[str, Any]] = (),
     output_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Distil (or fine-tune) as ``config`` says and save the student.
 
     ``plugins`` registers extra plugin objects as ``(name, object)`` without
     installing them (notebooks, tests); ``resume`` is a run directory or a
-    checkpoint. Writes ``OUTPUT_DIR/student`` (model, tokenizer, model card),
-    ``config.json``, ``plugins.json``, ``metrics.json`` and ``metrics.jsonl``.
+    checkpoint. A directory that holds a run already is refused unless
+    ``resume`` continues it or ``overwrite`` deletes it first. Writes
+    ``OUTPUT_DIR/student`` (model, tokenizer, model card), ``config.json``,
+    ``plugins.json``, ``metrics.json`` and ``metrics.jsonl``.
     """
     from polydistill.loop import Trainer
 
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, plugins=plugins, output_dir=str(output_dir) if output_dir else None)
-    metrics = trainer.fit(resume=resume)
-    student_dir = save_run(trainer, metrics)
-    return RunResult(trainer.output_dir, student_dir, metrics, trainer.state.history, trainer.host.versions())
+    metrics = trainer.fit(resume=resume, overwrite=overwrite)
+    return RunResult(trainer.output_dir, trainer.output_dir / "student", metrics, trainer.state.history, trainer.host.versions())
 
 
-def save_run(trainer: Any, metrics: dict[str, Any]) -> Path:
-    """Save the student with its tokenizer, the resolved config, plugins and a model card."""
+def save_student(trainer: Any) -> Path:
+    """Save the student's weights and tokenizer, and ``plugins.json``, with a model card without results."""
     state, acc = trainer.state, trainer.accelerator
-    out = trainer.output_dir
-    student_dir = out / "student"
+    student_dir = trainer.output_dir / "student"
     acc.wait_for_everyone()
     if acc.is_main_process:
         student = acc.unwrap_model(state.student)
         student.save_pretrained(student_dir, safe_serialization=True)
         state.student_tokenizer.save_pretrained(student_dir)
-        versions = trainer.host.versions()
-        dump_json(out / "plugins.json", versions)
-        dump_json(out / "metrics.json", metrics)
-        write_atomic(student_dir / "README.md", model_card(trainer.config, metrics, versions, state.step, trainer.vocabulary))
+        dump_json(trainer.output_dir / "plugins.json", trainer.host.versions())
+        write_atomic(student_dir / "README.md", model_card(trainer.config, {}, trainer.host.versions(), state.step, trainer.vocabulary))
     return student_dir
+
+
+def save_results(trainer: Any, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` and the model card with the final evaluation."""
+    state, acc = trainer.state, trainer.accelerator
+    if acc.is_main_process:
+        dump_json(trainer.output_dir / "metrics.json", metrics)
+        card = model_card(trainer.config, metrics, trainer.host.versions(), state.step, trainer.vocabulary)
+        write_atomic(trainer.output_dir / "student" / "README.md", card)
 
 
 def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str | None], steps: int, vocabulary: Any = None) -> str:

@@ -109,6 +109,10 @@ def save(accelerator: Any, root: Path, step: int, extra: dict[str, Any], keep: i
                            key=lambda p: (_step(p) < step, _step(p)))
             for stale in ckpts[: max(0, len(ckpts) + 1 - keep)]:
                 shutil.rmtree(stale, ignore_errors=True)
+    except KeyboardInterrupt:  # a second Ctrl-C mid-write: no half-written folder is left behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as exc:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

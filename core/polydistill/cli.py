@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from polydistill import __version__
-from polydistill.errors import PolydistillError, PolydistillWarning
+from polydistill.errors import ConfigError, PolydistillError, PolydistillWarning
 
 DEBUG_ENV = "POLYDISTILL_DEBUG"
 
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
     p.add_argument("--resume", nargs="?", const=True, metavar="PATH",
                    help="continue from the latest checkpoint of the run directory (or of PATH)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a previous run in the output directory first (without it, or --resume, such a directory is refused)")
 
     p = sub.add_parser("eval", help="evaluate a run's student, or a config's models, per language")
     p.add_argument("target", help="run directory or config file")
@@ -91,15 +93,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     from polydistill.api import train
     from polydistill.config import load_config
 
+    given = Path(args.config)
+    if given.is_dir():
+        hint = (f"its config is {given / 'config.json'}; continue the run with "
+                f"`polydistill train {given / 'config.json'} --output-dir {given} --resume`") if (given / "config.json").is_file() else \
+            "give the YAML or JSON config file"
+        raise ConfigError(f"{given} is a directory, not a config file; {hint}")
+    if args.resume is not None and args.overwrite:
+        raise ConfigError("--resume and --overwrite: choose one (continue the run, or delete it and start afresh)")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.output_dir or cfg.output_dir)
     resume = None
     if args.resume is not None:
         resume = out if args.resume is True else Path(args.resume)
-    result = train(cfg, resume=resume, output_dir=out)
+    try:
+        result = train(cfg, resume=resume, output_dir=out, overwrite=args.overwrite)
+    except KeyboardInterrupt as exc:
+        raise _Interrupted(_interrupt_hint(exc, out)) from None
     if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
         print(f"student saved to {result.student_dir}")
     return 0
+
+
+class _Interrupted(KeyboardInterrupt):
+    def __init__(self, hint: str):
+        super().__init__(hint)
+        self.hint = hint
+
+
+def _interrupt_hint(exc: BaseException, out: Path) -> str:
+    """What an interrupted `train` left: the checkpoint this stop wrote, or the newest intact one."""
+    from polydistill import checkpoint as ckpt
+
+    written = getattr(exc, "checkpoint", None)
+    if written is not None:
+        return f" (checkpoint {written} was written; continue with the same command plus --resume)"
+    intact = next((c for c in ckpt.candidates(out) if ckpt.verify(c) is None), None)
+    if intact is not None:
+        return (f" (aborted before a checkpoint of this point was complete; --resume continues from the newest complete "
+                f"one, {intact})")
+    return " (aborted before any checkpoint was complete: nothing to resume; run the command again without --resume)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -190,17 +223,16 @@ def _hooks_of(obj: Any) -> list[str]:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from polydistill import preflight
     from polydistill.config import load_config, schema
-    from polydistill.plugins import enabled_plugins, load_plugin_object, validate_settings
+    from polydistill.plugins import enabled_plugins
 
     if args.action == "schema":
         print(json.dumps(schema(), indent=2))
         return 0
     cfg = load_config(args.config, args.overrides)
-    names = []
-    for name, options in enabled_plugins(cfg.plugins):
-        validate_settings(name, load_plugin_object(name), options)
-        names.append(name)
+    preflight.check(cfg, origin=args.config)
+    names = [name for name, _ in enabled_plugins(cfg.plugins)]
     print(f"{args.config}: valid ({cfg.task}, mode {cfg.mode}; plugins: {', '.join(names) or 'none'})")
     return 0
 
@@ -273,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"polydistill: error: {exc}", file=sys.stderr)
+        _print_notes(exc)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = ""
         if args.command == "train":
-            hint = " (a checkpoint was written; continue with the same command plus --resume)"
+            hint = getattr(exc, "hint", "")
         elif args.command == "ablate":
             hint = " (finished runs are kept; run the same command again to resume the study)"
         print(f"polydistill: interrupted{hint}", file=sys.stderr)
@@ -288,7 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = "" if debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
         print(f"polydistill: internal error: {type(exc).__name__}{': ' + first if first else ''}{hint}", file=sys.stderr)
+        _print_notes(exc)
         return 1
+
+
+def _print_notes(exc: BaseException) -> None:
+    for note in getattr(exc, "__notes__", ()):
+        print(f"polydistill: note: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

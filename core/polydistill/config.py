@@ -16,6 +16,15 @@ from polydistill.errors import ConfigError
 
 Task = Literal["sequence_classification", "token_classification", "embedding"]
 
+#: Fields that change where a run writes and what it shows, never what it computes: a
+#: study's fingerprint leaves them out (changing the list changes every fingerprint).
+RUNTIME_FIELDS = (
+    "output_dir", "training.progress", "training.checkpoint_every", "training.keep_checkpoints",
+    "training.log_every", "training.num_threads", "trackers", "project_name",
+)
+#: What a resumed run may change: the runtime fields and where the teacher cache lives.
+RESUMABLE_FIELDS = (*RUNTIME_FIELDS, "cache.dir")
+
 
 class PluginSettings(BaseModel):
     """Base class for a plugin's settings model: unknown options are errors."""
@@ -327,6 +336,42 @@ class Config(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+def flat_fields(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"a.b.c": value}``; an empty mapping is a value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_fields(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def without_fields(d: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of the nested config dict ``d`` without the dotted ``fields``."""
+    data = json.loads(json.dumps(d))
+    for key in fields:
+        *parents, last = key.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return data
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = RUNTIME_FIELDS) -> list[tuple[str, Any, Any]]:
+    """(field, old value, new value) of every field two config dicts disagree on, but ``ignore``."""
+    a, b = flat_fields(old), flat_fields(new)
+
+    def parent(k: str, flat: dict[str, Any]) -> bool:  # an empty mapping on one side, its fields on the other
+        return any(other.startswith(k + ".") for other in flat)
+
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in ignore)
+            and not (a.get(k) == {} and parent(k, b)) and not (b.get(k) == {} and parent(k, a))]
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON file into a dict, with errors that name the file."""
     p = Path(path)
@@ -341,6 +386,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
+            if mark is not None:  # YAML read from a string calls it "<unicode string>"
+                mark.name = str(p)
         raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of options, got {type(data).__name__}")

@@ -15,7 +15,10 @@ import torch
 from polydistill.batch import Batch
 from polydistill.config import Config, DataSource
 from polydistill.errors import DataError
+from polydistill.preflight import DATA_SUFFIXES, looks_local
 
+#: Attribute of a streamed dataset: its local files, scanned for the bad line when a read fails.
+STREAMED_FILES = "_polydistill_files"
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
@@ -111,10 +114,13 @@ def load_source(source: DataSource, config: Config) -> Any:
             fmt = source.format
             if fmt == "auto":
                 fmt = _FORMATS.get(Path(path).suffix.lower(), "hub")
-                if fmt == "hub" and Path(path).exists():
+                if fmt == "hub" and Path(path).is_file():
                     raise DataError(f"data: cannot tell the format of {path}; set `format` (jsonl, csv, tsv, parquet)")
-            if fmt != "hub" and not Path(path).exists():
-                raise DataError(f"data: file not found: {path}")
+            local = Path(path).suffix.lower() in DATA_SUFFIXES or looks_local(source.path, config._base_dir)
+            if fmt != "hub" and Path(path).is_dir():  # datasets reads a folder as a dataset repository (format hub)
+                raise DataError(f"data: {path} is a directory; format {fmt} reads one file")
+            if (fmt != "hub" or local) and not Path(path).exists():
+                raise DataError(f"data: file not found: {path}" + (" (a local path, so it is not looked up on the hub)" if fmt == "hub" else ""))
             if fmt != "hub" and Path(path).is_file() and Path(path).stat().st_size == 0:
                 raise DataError(f"data: file is empty: {path}")
             if fmt == "hub":
@@ -139,6 +145,9 @@ def load_source(source: DataSource, config: Config) -> Any:
     ds = normalise(ds, source, config, where)
     if not source.streaming and len(ds) == 0:
         raise DataError(f"data {where}: no rows{' left after `filter`' if source.filter else ''}")
+    if source.streaming:
+        local = list(files.values()) if source.aligned is not None else ([path] if fmt != "hub" else [])
+        setattr(ds, STREAMED_FILES, local)
     return ds
 
 
@@ -225,9 +234,12 @@ def load_sources(sources: list[DataSource], config: Config, labels: list[str] | 
     if len({s.streaming for s in sources}) > 1:
         raise DataError("data: mix of streaming and non-streaming sources; set `streaming` the same on all")
     try:
-        return datasets.concatenate_datasets([_plain_strings(ds) for ds in loaded])
+        combined = datasets.concatenate_datasets([_plain_strings(ds) for ds in loaded])
     except Exception as exc:
         raise DataError(f"data: sources cannot be combined (columns or types differ): {exc}") from None
+    if sources[0].streaming:
+        setattr(combined, STREAMED_FILES, [f for ds in loaded for f in getattr(ds, STREAMED_FILES, ())])
+    return combined
 
 
 # --------------------------------------------------------------------------- encoding
@@ -486,6 +498,10 @@ class StreamLoader:
             try:
                 chunk = list(itertools.islice(rows, self.buffer))
             except UnicodeDecodeError as exc:  # not checked up front: a stream is read once, as it trains
+                for path in getattr(self.dataset, STREAMED_FILES, ()):  # name the line: scan the local files now
+                    explained = _explain_read_error(path, "text")
+                    if explained:
+                        raise DataError(f"{explained} (streamed, after {count} batches)") from None
                 raise DataError(f"data.train: a streamed source is not UTF-8 after {count} batches ({exc})") from None
             if not chunk:
                 return

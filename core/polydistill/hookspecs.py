@@ -12,7 +12,7 @@ Order of one training step (see ``docs/hooks.md``)::
 Run lifecycle::
 
     trainable_modules -> (optimizer built) -> setup -> [load_state_dict on resume]
-    -> steps ... on_evaluate ... state_dict (at each checkpoint) ... -> on_train_end
+    -> steps ... on_evaluate ... state_dict (at each checkpoint) ... -> last state_dict -> final on_evaluate -> on_train_end
 
 No result depends on the order in which plugins were registered: hooks whose
 results are combined are documented as order-free, ``augment_batch`` follows the
@@ -229,10 +229,11 @@ def load_state_dict(state: TrainState, plugin_state: dict[str, Any]) -> None:
 def on_train_end(state: TrainState, metrics: dict[str, Any]) -> None:
     """Observe the end of training.
 
-    Called once after the last step and the final evaluation (``metrics``
-    is that evaluation's result, empty when there was none), before the
-    student is saved. Use it to write plugin reports into
-    ``state.output_dir``.
+    Called once after the last step, the last checkpoint, the saving of the
+    student's weights and the final evaluation (``metrics`` is that
+    evaluation's result, empty when there was none), before ``metrics.json``
+    and the model card are written. Use it to write plugin reports into
+    ``state.output_dir``; a failure here loses no training.
 
     Combining: every implementation runs, in no guaranteed order.
     """

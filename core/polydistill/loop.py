@@ -27,10 +27,11 @@ from torch import nn
 
 from polydistill import checkpoint as ckpt
 from polydistill import models as M
+from polydistill import preflight
 from polydistill import vocabulary as V
 from polydistill.batch import Batch, ModelOutputs, Trainable
 from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
-from polydistill.config import Config, load_config
+from polydistill.config import RESUMABLE_FIELDS, Config, changed_fields, load_config, without_fields
 from polydistill.data import Collator, load_sources, make_loader
 from polydistill.errors import CheckpointError, ConfigError, PluginError, warn
 from polydistill.evaluation import evaluate_model
@@ -109,6 +110,7 @@ class Trainer:
 
     def __init__(self, config: Config | dict | str, plugins: Iterable[tuple[str, Any]] = (), output_dir: str | None = None):
         self.config = config = load_config(config)
+        preflight.check(config, plugins)  # every input problem at once, before any model loads
         tc = config.training
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
@@ -463,14 +465,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
-        """Train to the end (or until interrupted, after a checkpoint); returns final metrics."""
+    def fit(self, resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+        """Train to the end (or until interrupted, after a checkpoint), save the student, evaluate it.
+
+        Returns the final metrics. The student and a last checkpoint are saved
+        before the final evaluation and ``on_train_end``, so a failure there
+        loses no training. ``overwrite`` deletes a previous run in the output
+        directory (without it, and without ``resume``, such a run is an error).
+        """
+        from polydistill import api
+
         state, acc, tc = self.state, self.accelerator, self.config.training
         if resume is not None:
             self.resume(resume)
+        else:
+            self._claim_output_dir(overwrite)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.dump_json(self.output_dir / "config.json", self.config.resolved_dict())
+            ckpt.dump_json(self.output_dir / "plugins.json", self.host.versions())
+            if resume is not None:  # rows logged after the checkpoint are logged again as the steps rerun
+                ckpt.write_atomic(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
             if self.vocabulary is not None:
                 self.vocabulary.save(self.output_dir / "vocabulary")
         if self.vocabulary is not None:
@@ -490,18 +505,47 @@ class Trainer:
                     if stop.requested:
                         if self._checkpointed_at != state.step:
                             self.save_checkpoint()
-                        raise KeyboardInterrupt
+                        raise Interrupted(ckpt.latest(self.output_dir / "checkpoints"))
         finally:
             self._bar.close()
-        metrics = self._metrics
-        if self._evaluated_at != state.step:
-            metrics = self.evaluate()
+        # Training is done: keep it before anything that may still fail.
         if self._checkpointed_at != state.step:
             self.save_checkpoint()
-        self.host.call("on_train_end", state=state, metrics=metrics)
-        if self.config.trackers:
-            acc.end_training()
+        student_dir = api.save_student(self)
+        try:
+            metrics = self._metrics
+            if self._evaluated_at != state.step:
+                metrics = self.evaluate()
+            self.host.call("on_train_end", state=state, metrics=metrics)
+            api.save_results(self, metrics)
+            if self.config.trackers:
+                acc.end_training()
+        except Exception as exc:
+            exc.add_note(f"training had finished: the student is saved in {student_dir} and its last checkpoint in "
+                         f"{self.output_dir / 'checkpoints'}; only what comes after training failed")
+            raise
         return metrics
+
+    #: What a run leaves in its output directory; `overwrite` deletes these.
+    RUN_FILES = ("checkpoints", "student", "vocabulary", "config.json", "plugins.json", "metrics.json", "metrics.jsonl")
+
+    def _claim_output_dir(self, overwrite: bool) -> None:
+        """Refuse to mix a new run into a directory that holds one, or delete that run (``overwrite``)."""
+        import shutil
+
+        out = self.output_dir
+        found = [name for name in self.RUN_FILES if (out / name).exists()]
+        if found and not overwrite:
+            raise ConfigError(
+                f"output_dir: {out} holds a run already ({', '.join(found)}); continue it with --resume "
+                "(resume= in Python), start afresh with --overwrite (overwrite=True; deletes that run), or choose another --output-dir"
+            )
+        self.accelerator.wait_for_everyone()
+        if found and self.accelerator.is_main_process:
+            for name in found:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.accelerator.wait_for_everyone()
 
     def _run_epoch(self, stop: _StopFlag) -> None:
         """Steps of the current epoch from where it stands; returns at its end, at the last step, or on a stop."""
@@ -600,6 +644,8 @@ class Trainer:
             "plugins": self.host.per_plugin("state_dict", state=state),
             "plugin_modules": self.plugin_modules.state_dict(),
             "history": state.history,
+            # what the run computes, checked on resume (where it writes may change, so is not kept)
+            "config": without_fields(self.config.resolved_dict(), RESUMABLE_FIELDS),
         }
         return ckpt.save(self.accelerator, self.output_dir / "checkpoints", state.step, extra, self.config.training.keep_checkpoints)
 
@@ -619,6 +665,8 @@ class Trainer:
                 try:
                     self._load_checkpoint(candidate)
                     return
+                except ConfigError:  # the checkpoint is fine; the config does not match it
+                    raise
                 except Exception as exc:  # a checkpoint without a manifest can still be torn
                     problem = f"cannot be loaded: {type(exc).__name__}: {exc}"
             if explicit:
@@ -627,10 +675,30 @@ class Trainer:
         raise CheckpointError(f"--resume: every checkpoint in {path} is torn or corrupt ({', '.join(c.name for c in tried)}); "
                               "start the run afresh without --resume")
 
+    def _check_resumed_config(self, found: Path, saved: dict[str, Any] | None) -> None:
+        """Refuse a resume whose config changes what the checkpoint's run computes, naming each field."""
+        if saved is None:  # a checkpoint from before configs were stored in it: the run's config.json
+            path = found.parent.parent / "config.json"
+            if not path.is_file():
+                return
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        diff = changed_fields(saved, self.config.resolved_dict(), RESUMABLE_FIELDS)
+        # Continuing a run past its end (more steps or epochs) is what --resume is also for.
+        diff = [(k, a, b) for k, a, b in diff
+                if not (k in EXTENDABLE_FIELDS and isinstance(a, int) and isinstance(b, int) and b >= a)]
+        if diff:
+            shown = "; ".join(f"{k}: {'(not set)' if a is None else repr(a)} -> {'(not set)' if b is None else repr(b)}" for k, a, b in diff)
+            raise ConfigError(
+                f"--resume: the config differs from the one checkpoint {found} was trained with ({shown}). A resumed run "
+                f"must compute what it started computing; only {', '.join(RESUMABLE_FIELDS)} may change, and "
+                f"{' and '.join(EXTENDABLE_FIELDS)} may grow. Put the fields back, or start a new run (another --output-dir, or --overwrite)"
+            )
+
     def _load_checkpoint(self, found: Path) -> None:
         state = self.state
-        self.accelerator.load_state(str(found))
         extra = ckpt.load_extra(found)
+        self._check_resumed_config(found, extra.get("config"))
+        self.accelerator.load_state(str(found))
         state.step, state.epoch, state.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
         state.skipped_batches = extra.get("skipped_batches", 0)
         state.scheduler.load_state_dict(extra["scheduler"])
@@ -663,6 +731,19 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         if self.config.trackers:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+
+#: Fields a resumed run may raise, to train a run on past its end (the LR schedule is then
+#: recomputed for the new length from the step it resumes at).
+EXTENDABLE_FIELDS = ("training.max_steps", "training.epochs")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request (Ctrl-C, SIGTERM) after writing ``checkpoint``."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(f"interrupted; checkpoint {checkpoint}")
+        self.checkpoint = checkpoint
 
 
 class NonFiniteLoss(Exception):

@@ -54,7 +54,9 @@ def load_model(
     kwargs: dict[str, Any] = _label_kwargs(task, labels)
     if revision:
         kwargs["revision"] = revision
-    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+    from polydistill.preflight import looks_local
+
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"{role}: no such model directory: {name_or_path}")  # a path, never a hub id
     try:
         model, info = _auto(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)

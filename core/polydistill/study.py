@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from polydistill import __version__
 from polydistill.checkpoint import dump_json, find as find_checkpoint
-from polydistill.config import apply_overrides, format_validation_error, load_config, read_config_file, set_path
+from polydistill.config import RUNTIME_FIELDS, apply_overrides, changed_fields, format_validation_error, load_config, read_config_file, set_path, without_fields
 from polydistill.errors import ConfigError, PolydistillError
 
 STUDY_FILE = "study.json"
@@ -40,10 +40,6 @@ SPEC_FILE = "run-spec.json"
 LOCK_FILE = ".lock"
 #: Fields that say where and how visibly a run executes, not what it computes: changing them
 #: (say, adding checkpoint_every after a preemption) keeps finished runs valid.
-RUNTIME_FIELDS = (
-    "output_dir", "training.progress", "training.checkpoint_every", "training.keep_checkpoints",
-    "training.log_every", "training.num_threads", "trackers", "project_name",
-)
 
 
 # --------------------------------------------------------------------------- the study file
@@ -318,13 +314,7 @@ def _baseline(study: StudyConfig, cells: list[Cell], axes: list[tuple[str, list[
 
 def fingerprint(config: dict[str, Any]) -> str:
     """Hash of what a run computes: its resolved config without the runtime fields."""
-    data = json.loads(json.dumps(config))
-    for key in RUNTIME_FIELDS:
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(last, None)
+    data = without_fields(config, RUNTIME_FIELDS)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -356,7 +346,9 @@ def execute_run(spec: dict[str, Any]) -> dict[str, Any]:
     record["resumed"] = checkpoint is not None
     start = time.perf_counter()
     try:
-        result = train(spec["config"], resume=run_dir if checkpoint is not None else None, output_dir=run_dir)
+        # the study owns its run folders: one without a checkpoint is started afresh
+        result = train(spec["config"], resume=run_dir if checkpoint is not None else None, output_dir=run_dir,
+                       overwrite=checkpoint is None)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a crashing cell is recorded and the study goes on
@@ -513,24 +505,13 @@ def ablate(
 
 
 def _changed(run: Run, record: dict[str, Any]) -> str:
-    old, new = _flat(record.get("config", {})), _flat(run.config)
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RUNTIME_FIELDS]
-    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+    diff = changed_fields(record.get("config", {}), run.config)
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:3])
     return (
         f"{run.dir}: run '{run.label}' finished with another config ({shown or 'different fingerprint'}). "
         "The study file or its base config changed since; write the changed study to a new --output-dir, "
         f"or delete {run.dir} to rerun that run"
     )
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _summary(record: dict[str, Any], metric: str) -> str:

@@ -127,7 +127,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     (out / "ablation.yaml").write_text(ABLATION.format(output_dir=out.resolve() / "ablation", study=out.resolve() / "ablation.yaml"), encoding="utf-8")
 
     print("[demo] 1/3 fine-tuning the teacher on English only")
-    polydistill.train(teacher_cfg)
+    polydistill.train(teacher_cfg, overwrite=True)  # the demo rebuilds its own folder
 
     print("[demo] 2/3 distilling a 2-layer student through parallel data (teacher reads English)")
     cfg = polydistill.load_config(distill_cfg)
@@ -136,7 +136,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     before = M.student_from_teacher(teacher, [1, 3], cfg.task, labels)
     results = {"teacher": evaluate_model(teacher, tokenizer, test, cfg.task, labels)}
     results["student before"] = evaluate_model(before, tokenizer, test, cfg.task, labels)
-    run = polydistill.train(cfg)
+    run = polydistill.train(cfg, overwrite=True)
     results["student after"] = run.metrics
 
     print("[demo] 3/3 results (accuracy on held-out sentences)")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 #: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState): a plugin made for
 #: MAJOR.MINOR runs on any MAJOR.N with N >= MINOR. 1.1: ``TrainState.forward_student``. 1.2: ``Trainable``
-#: (a plugin module's own learning rate and clipping), ``ModelOutputs.layer_mask``.
+#: (a plugin module's own learning rate and clipping), ``ModelOutputs.layer_mask`` and ``.sample_mask``.
 API_VERSION = "1.2"
 
 from polydistill.errors import (  # noqa: E402

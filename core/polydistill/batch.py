@@ -124,6 +124,10 @@ class ModelOutputs:
     #: ``attentions`` come from a teacher that teaches them (per-layer outputs are
     #: one teacher's; a sample routed to other teachers must not learn them). None: all.
     layer_mask: torch.Tensor | None = None
+    #: ``(B,)`` bool, teacher outputs only: the samples these outputs teach at all (a
+    #: teacher-selection plugin may leave some untaught). Teacher terms leave the others
+    #: out; terms on gold labels (``ce``) keep them. None: all.
+    sample_mask: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -10,8 +10,10 @@ Terms, each with its own weight (0 switches a term off):
   of those (for temperatures that depend on the outputs).
   ``batch.meta["sample_weights"]`` weights samples the same way (a ``(B,)``
   tensor or such a callable) in every term, ``ce``, ``hidden`` and
-  ``attention`` included; the per-layer terms also drop the samples the
-  teacher's ``layer_mask`` says its per-layer outputs do not teach.
+  ``attention`` included. The teacher terms leave out the samples the
+  teacher outputs' ``sample_mask`` says no teacher teaches (``ce`` keeps
+  them), and the per-layer terms the samples ``layer_mask`` says the
+  per-layer outputs do not teach.
 - ``ce``: cross-entropy with the gold labels.
 - ``mse`` / ``cosine``: pooled embedding matching (Reimers & Gurevych 2020);
   a learned linear projection maps the student's width to the teacher's when
@@ -167,6 +169,9 @@ class StandardKD:
             terms["ce"] = w["ce"] * _reduce(per.view(labels.shape), labels != -100, weights)
         if teacher_out is None:
             return terms
+        if teacher_out.sample_mask is not None:  # samples no teacher teaches: in ce above, not in the teacher terms
+            keep = teacher_out.sample_mask.to(torch.float32)
+            weights = keep if weights is None else torch.as_tensor(weights, device=keep.device) * keep
         if w["kl"]:
             mask = student_out.word_mask
             if mask is not None and teacher_out.word_mask is not None:

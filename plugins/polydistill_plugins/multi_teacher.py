@@ -477,23 +477,10 @@ class MultiTeacher:
             result.mask = outs[ran[0]].mask if ran else None
         # samples no teacher teaches get weight 0 in kd's terms
         sample_taught = taught if taught.dim() == 1 else taught.any(-1)
-        if not bool(sample_taught.all()):
-            self._down_weight(batch, sample_taught.float())
+        if not bool(sample_taught.all()):  # kd leaves them out of the teacher terms, not out of ce
+            result.sample_mask = sample_taught
         self._record(w, taught, sample_taught)
         return result
-
-    @staticmethod
-    def _down_weight(batch: Any, keep: torch.Tensor) -> None:
-        """Multiply kd's ``batch.meta["sample_weights"]`` (a value or a callable) by ``keep``."""
-        prev = batch.meta.get("sample_weights")
-        if prev is None:
-            new: Any = keep
-        elif callable(prev):
-            def new(student_out: Any, teacher_out: Any, prev: Any = prev) -> torch.Tensor:
-                return torch.as_tensor(prev(student_out, teacher_out), device=keep.device) * keep
-        else:
-            new = torch.as_tensor(prev, device=keep.device) * keep
-        batch.meta = {**batch.meta, "sample_weights": new}
 
     def _record(self, w: torch.Tensor, taught: torch.Tensor, sample_taught: torch.Tensor) -> None:
         flat = w.detach().reshape(-1, w.size(-1))[taught.reshape(-1)]

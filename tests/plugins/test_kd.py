@@ -31,6 +31,7 @@ LABELS = torch.tensor([0, 2, 1])
 def _terms(rows: list[int], **meta) -> dict[str, torch.Tensor]:
     student, teacher = _outputs(0, MASK), _outputs(1, MASK)
     layer_mask = meta.pop("layer_mask", None)
+    sample_mask = meta.pop("sample_mask", None)
     pick = torch.tensor(rows)
 
     def sub(o: ModelOutputs) -> ModelOutputs:
@@ -39,6 +40,7 @@ def _terms(rows: list[int], **meta) -> dict[str, torch.Tensor]:
 
     s, t = sub(student), sub(teacher)
     t.layer_mask = None if layer_mask is None else layer_mask[pick]
+    t.sample_mask = None if sample_mask is None else sample_mask[pick]
     if "sample_weights" in meta:
         meta["sample_weights"] = meta["sample_weights"][pick]
     batch = Batch(texts=[""] * len(rows), teacher_texts=[""] * len(rows), langs=["en"] * len(rows),
@@ -66,3 +68,11 @@ def test_weights_scale_per_sample_ce():
     w = torch.tensor([2.0, 1.0, 0.5])
     per = torch.stack([_terms([i])["ce"] for i in range(3)])
     torch.testing.assert_close(_terms([0, 1, 2], sample_weights=w)["ce"], (w * per).sum() / w.sum())
+
+
+def test_samples_no_teacher_teaches_keep_their_gold_label_term():
+    """Selective distillation (Tan et al. 2019): a sample whose teachers are off still learns its gold label."""
+    masked = _terms([0, 1, 2], sample_mask=torch.tensor([True, False, True]))
+    for term in ("kl", "hidden", "attention"):
+        torch.testing.assert_close(masked[term], _terms([0, 2])[term])
+    torch.testing.assert_close(masked["ce"], _terms([0, 1, 2])["ce"])

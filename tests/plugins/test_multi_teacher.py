@@ -52,6 +52,7 @@ class Seen:
             "weights": teacher_out.extra["weights"].cpu(), "ran": list(teacher_out.extra["teachers"]),
             "sample_weights": None if sw is None else torch.as_tensor(sw).cpu(),
             "layer_mask": None if teacher_out.layer_mask is None else teacher_out.layer_mask.cpu(),
+            "sample_mask": None if teacher_out.sample_mask is None else teacher_out.sample_mask.cpu(),
             "per_layer": teacher_out.hidden_states is not None,
         })
 
@@ -144,8 +145,9 @@ def test_languages_option_overrides_and_unmapped_languages(models, data, trained
         for j, lang in enumerate(r["langs"]):
             expected = [1.0, 0.0] if lang == "en" else [0.0, 0.0]
             assert r["weights"][j].tolist() == expected
-            # a German sample has no teacher: kd gives it weight 0
-            assert r["sample_weights"] is not None and float(r["sample_weights"][j]) == (1.0 if lang == "en" else 0.0)
+            # a German sample has no teacher: kd leaves it out of the teacher terms (not of ce)
+            assert r["sample_mask"] is not None and bool(r["sample_mask"][j]) == (lang == "en")
+            assert r["sample_weights"] is None
     untaught = [row["multi_teacher/untaught"] for row in result.history if "multi_teacher/untaught" in row]
     share_de = [sum(lang == "de" for lang in r["langs"]) / len(r["langs"]) for r in seen.rows]
     assert untaught == pytest.approx(share_de)

@@ -274,6 +274,9 @@ class Relational:
         s, task = self.settings, state.task
         output = student_out.embeddings if task == "embedding" else student_out.logits
         weights = sample_weights(batch.meta.get("sample_weights"), student_out, teacher_out, output.size(0))
+        if getattr(teacher_out, "sample_mask", None) is not None:  # samples no teacher teaches are not points
+            keep = teacher_out.sample_mask.to(output.device, torch.float32)
+            weights = keep if weights is None else weights * keep
         student, teacher, w = relation_sets(student_out, teacher_out, task, weights, s.scope)
         if s.max_rows is not None and w.size(-1) > s.max_rows:
             student, teacher, w = subsample(student, teacher, w, s.max_rows, state.rng(_SALT))

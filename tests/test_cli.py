@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import yaml
 
+import polydistill
 from polydistill.cli import main
 
 from conftest import parallel_config
@@ -59,12 +64,30 @@ def test_missing_data_file_is_named(models, data, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 2
-    assert f"data: file not found: {tmp_path / 'missing.jsonl'}" in capsys.readouterr().err
+    assert f"data.train[0].path: file not found: {tmp_path / 'missing.jsonl'}" in capsys.readouterr().err
+
+
+def _console_script() -> str:
+    """The `polydistill` script that installing this environment's polydistill wrote (its entry point)."""
+    schemes = [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", f"{os.name}_user")]
+    for folder in [str(Path(sys.executable).parent), *schemes]:
+        found = shutil.which("polydistill", path=folder)
+        if found:
+            return found
+    found = shutil.which("polydistill")
+    assert found, f"no polydistill console script next to {sys.executable} or on PATH: is polydistill installed?"
+    return found
 
 
 def test_console_script_and_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "polydistill", "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout.startswith("polydistill ")
+    version = f"polydistill {polydistill.__version__}\n"
+    script = subprocess.run([_console_script(), "--version"], capture_output=True, text=True)
+    assert (script.returncode, script.stdout, script.stderr) == (0, version, "")
+    module = subprocess.run([sys.executable, "-m", "polydistill", "--version"], capture_output=True, text=True)
+    assert (module.returncode, module.stdout, module.stderr) == (0, version, "")
+    # the script is the CLI itself, not only its --version: a usage error exits 2 naming the program
+    usage = subprocess.run([_console_script(), "train"], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: polydistill train"), usage.stderr
 
 
 def test_demo_quick_run_shows_transfer(tmp_path):

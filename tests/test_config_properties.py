@@ -45,7 +45,7 @@ values = st.sampled_from(["", "1", "-1", "1e-3", "true", "null", "[1, 2]", "{a: 
                           ".inf", ".nan", "*a", "&a 1", "stop", "skip", "embedding", "2e400"]) | st.text(max_size=12)
 overrides = st.lists(st.tuples(paths, st.sampled_from(["=", "", "=="]), values).map("".join), max_size=4)
 
-FAST = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 MISSING = ": required option is missing"
 # What pydantic adds to a location inside a union (`int | str`) or at a mapping's key.
@@ -128,9 +128,9 @@ def _not_plain(doc, shown=""):
 def _assert_is_a_loadable_config(config, data) -> None:
     assert isinstance(config, Config), type(config)
     assert config.task == data["task"]
-    saved = config.to_dict()
-    # what a run writes to config.json loads back as the same config (json.dumps: NaN equals NaN)
-    assert json.dumps(load_config(saved).to_dict()) == json.dumps(saved)
+    # what a run writes to config.json loads back as the same config (compared as JSON text: NaN equals NaN)
+    again = load_config(config.to_dict())
+    assert json.dumps(again.model_dump(mode="json")) == json.dumps(config.model_dump(mode="json"))
 
 
 def _check_dict(doc: dict, changed=None) -> None:
@@ -142,7 +142,7 @@ def _check_dict(doc: dict, changed=None) -> None:
         bad = _not_plain(doc)
         if bad:  # refused before validation; must still say which value it cannot take
             assert message.startswith("config: "), message
-            assert True or any(re.search(rf"(?<![\w.\[]){re.escape(p)}(?![\w.\[])", message) for p in bad), (
+            assert any(re.search(rf"(?<![\w.\[]){re.escape(p)}(?![\w.\[])", message) for p in bad), (
                 f"{message!r} does not name the value that is not plain data: one of {bad}")
         else:
             _assert_names_the_fields(message, doc, "config", changed)
@@ -196,6 +196,7 @@ def test_any_document_is_a_config_or_a_config_error(doc):
 @example({"training": {"epochs": 0}})
 @example({"student": {"from_teacher": {"teacher": []}}})
 @example({"cache": {"dir": 3}})
+@example({"cache": {"dir": b"cache"}})
 def test_any_change_to_a_valid_config_is_a_config_or_a_config_error(changes):
     _check_dict({**BASE, **changes}, changed=[(k,) for k in changes])
 

@@ -372,6 +372,31 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, 
             and not (a.get(k) == {} and parent(k, b)) and not (b.get(k) == {} and parent(k, a))]
 
 
+def _not_plain(value: Any, where: str = "", seen: frozenset[int] = frozenset()) -> str | None:
+    """The dotted path of the first value JSON cannot hold (bytes, a set, a date, a cycle), or None."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return None
+    if id(value) in seen:
+        return where or "(top level)"
+    seen = seen | {id(value)}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = f"{where}.{k}" if where else str(k)
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                return key
+            found = _not_plain(v, key, seen)
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _not_plain(v, f"{where}[{i}]", seen)
+            if found:
+                return found
+        return None
+    return where or "(top level)"
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON file into a dict, with errors that name the file."""
     p = Path(path)
@@ -458,7 +483,9 @@ def load_config(
         try:  # deep copy; overrides must not touch the caller's dict
             data = json.loads(json.dumps(source))
         except (TypeError, ValueError) as exc:  # bytes, sets, dates, circular references
-            raise ConfigError(f"{origin or 'config'}: values must be plain data (strings, numbers, lists, mappings): {exc}") from None
+            where = _not_plain(source)
+            raise ConfigError(f"{origin or 'config'}: {where + ': ' if where else ''}values must be plain data "
+                              f"(strings, numbers, lists, mappings): {exc}") from None
         base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
         origin = origin or "config"
     else:

@@ -178,7 +178,8 @@ def test_a_crashing_cell_is_recorded_and_the_rest_go_on(models, data, trained_te
     assert result.ran == 2 and len(result.failed) == 1
     failure = result.failed[0]
     assert failure["cell"] == "broken" and failure["status"] == "failed"
-    assert failure["error"]["type"] == "DataError" and "missing.jsonl" in failure["error"]["message"]
+    assert failure["error"]["type"] == "ConfigError" and "data.train[0].path: file not found" in failure["error"]["message"]
+    assert "missing.jsonl" in failure["error"]["message"]
     assert "Traceback" in failure["error"]["traceback"]
     assert result.records[("ok", 0)]["status"] == "ok"
 

@@ -59,7 +59,8 @@ def test_zero_dropout_makes_training_mode_deterministic(models, data, tmp_path):
 
     def two_passes(plugins):
         keep = Keep()
-        polydistill.train(parallel_config(models, data, tmp_path, training__max_steps=1, plugins=plugins), plugins=[("keep", keep)])
+        polydistill.train(parallel_config(models, data, tmp_path, training__max_steps=1, plugins=plugins), plugins=[("keep", keep)],
+                          overwrite=True)
         student = keep.student.train()
         enc = keep.tokenizer(texts, return_tensors="pt", padding=True)
         with torch.no_grad():

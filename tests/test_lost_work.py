@@ -4,6 +4,7 @@ resumes that must match their checkpoint, and messages that say what is on disk 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -176,9 +177,9 @@ def test_an_aborted_checkpoint_write_is_reported_as_it_is(models, data, tmp_path
     assert not list(checkpoints.glob(".tmp-checkpoint-*"))
     assert "a checkpoint was written" not in err
     if complete_before:
-        assert f"--resume continues from the newest complete one, {checkpoints / 'checkpoint-1'}" in err
+        assert f"no checkpoint was written at this interrupt; the newest complete one is {checkpoints / 'checkpoint-1'}" in err
     else:
-        assert "aborted before any checkpoint was complete: nothing to resume" in err
+        assert "no checkpoint is complete: nothing to resume" in err
 
 
 def test_a_first_ctrl_c_names_the_checkpoint_it_wrote(models, data, tmp_path, capsys, monkeypatch):
@@ -216,3 +217,118 @@ def test_streamed_bad_utf8_names_its_line(models, data, tmp_path):
     cfg["data"]["train"] = {"path": str(rows), "streaming": True, "columns": {"text": "de", "source": "en", "lang": "lang"}}
     with pytest.raises(polydistill.DataError, match=r"rows.jsonl line 5: not UTF-8"):
         polydistill.train(cfg)
+
+
+def test_resuming_another_run_s_checkpoint_into_a_folder_holding_a_run_is_refused(models, data, tmp_path):
+    a = parallel_config(models, data, tmp_path, training__max_steps=2, output_dir=str(tmp_path / "a"))
+    b = parallel_config(models, data, tmp_path, training__max_steps=2, output_dir=str(tmp_path / "b"))
+    polydistill.train(a)
+    polydistill.train(b)
+    before = (tmp_path / "b" / "metrics.jsonl").read_text()
+    a_ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-2"
+    with pytest.raises(ConfigError, match="holds a run already"):
+        polydistill.train(b, overrides=["training.max_steps=3"], resume=a_ckpt)
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == before
+    # into an empty folder, a run may start from another run's checkpoint
+    c = polydistill.train(b, overrides=["training.max_steps=3", f"output_dir={tmp_path / 'c'}"], resume=a_ckpt)
+    assert [r["step"] for r in c.history if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("training.max_grad_norm", -1, "training.max_grad_norm: Input should be greater than 0"),
+    ("training.max_grad_norm", 0, "training.max_grad_norm: Input should be greater than 0"),
+    ("training.seed", -5, "training.seed: Input should be greater than or equal to 0"),
+    ("labels", ["food", "food", "weather"], "label names must be unique; ['food'] appear more than once"),
+])
+def test_values_that_would_train_wrongly_are_refused(models, data, tmp_path, field, value, message):
+    cfg = parallel_config(models, data, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        polydistill.load_config(cfg, [f"{field}={json.dumps(value)}"])
+    assert message in str(info.value)
+
+
+def test_an_output_dir_that_is_a_file_is_named_before_any_model_loads(models, data, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cfg = parallel_config(models, data, tmp_path, output_dir=str(tmp_path / "afile" / "sub"))
+    with pytest.raises(ConfigError, match=f"output_dir: {tmp_path / 'afile'} is a file"):
+        polydistill.train(cfg)
+
+
+def test_a_streamed_source_that_yields_no_rows_is_an_error_not_an_endless_loop(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=3)
+    cfg["data"]["train"].update(streaming=True, filter={"lang": "fr"})
+    with pytest.raises(polydistill.DataError, match="an epoch gave no batches"):
+        polydistill.train(cfg)
+
+
+@pytest.mark.parametrize(("value", "shown"), [(None, "null"), (7, "int 7"), (["a", "b"], "list ['a', 'b']")])
+def test_a_text_that_is_not_a_string_is_named_with_its_row_when_the_data_loads(models, data, tmp_path, value, shown):
+    rows = [{"de": f"satz {i}", "en": f"sentence {i}", "lang": "de"} for i in range(5)]
+    rows[3]["de"] = value
+    cfg = parallel_config(models, data, tmp_path)
+    cfg["data"]["train"]["path"] = str(write_jsonl(tmp_path / "rows.jsonl", rows))
+    with pytest.raises(polydistill.DataError, match=re.escape(f"rows.jsonl: row 4: column 'de' (columns.text) is {shown}; expected a string")):
+        polydistill.train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_token_rows_whose_tags_do_not_fit_their_words_are_named_before_training(models, data, tmp_path):
+    rows = [{"words": ["ich", "esse", "brot"], "tags": ["O", "O", "B-FOOD"], "lang": "de"} for _ in range(4)]
+    rows[2]["tags"] = ["O", "O"]
+    cfg = parallel_config(models, data, tmp_path, task="token_classification")
+    cfg["data"]["eval"]["path"] = str(write_jsonl(tmp_path / "tok.jsonl", rows))
+    with pytest.raises(polydistill.DataError, match=r"tok.jsonl: row 3: 3 words \(columns.text 'words'\) but 2 tags"):
+        polydistill.train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_null_language_tag_is_named(models, data, tmp_path):
+    rows = [{"text": "brot", "label": "food", "lang": "de"}, {"text": "bread", "label": "food", "lang": None}]
+    cfg = parallel_config(models, data, tmp_path)
+    cfg["data"]["eval"]["path"] = str(write_jsonl(tmp_path / "ev.jsonl", rows))
+    with pytest.raises(polydistill.DataError, match=r"ev.jsonl: row 2: column 'lang' \(columns.lang\) is null"):
+        polydistill.train(cfg)
+
+
+def test_labels_given_as_names_and_ids_in_one_column_are_read(models, data, tmp_path):
+    rows = [{"text": "brot", "label": "food", "lang": "de"}, {"text": "regen", "label": 2, "lang": "de"}]
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=1)
+    cfg["data"]["eval"]["path"] = str(write_jsonl(tmp_path / "ev.jsonl", rows))
+    assert polydistill.train(cfg).metrics["per_language"]["de"]
+
+
+def test_a_pretrained_head_for_other_labels_or_another_task_is_refused(models, data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    other = AutoModelForSequenceClassification.from_pretrained(str(models["teacher2"]))
+    other.config.id2label = {0: "weather", 1: "sports", 2: "food"}
+    other.config.label2id = {v: k for k, v in other.config.id2label.items()}
+    other.save_pretrained(tmp_path / "permuted")
+    cfg = parallel_config(models, data, tmp_path, student={"model": str(tmp_path / "permuted")})
+    with pytest.raises(ConfigError, match=r"student.model: .* has a head for \['weather', 'sports', 'food'\] \(in another order"):
+        polydistill.train(cfg)
+    cfg = parallel_config(models, data, tmp_path, labels=["O", "B-FOOD", "I-FOOD"])
+    cfg["teachers"][0]["model"] = str(models["tagger"])
+    with pytest.raises(ConfigError, match=r"teachers\[0\]: .* is a BertForTokenClassification checkpoint, its head is not for sequence_classification"):
+        polydistill.train(cfg)
+
+
+def test_token_evaluation_where_max_length_cuts_every_word_says_so(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, task="token_classification", training__max_steps=1, data__max_length=2)
+    with pytest.raises(polydistill.DataError, match=r"every word of language '\w+' .* lies past data.max_length=2"):
+        polydistill.train(cfg)
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()  # trained, and kept
+
+
+def test_a_failure_mid_epoch_checkpoints_the_last_good_step(models, data, tmp_path):
+    rows = [{"de": f"satz {i}", "en": f"sentence {i}", "lang": "de"} for i in range(12)]
+    rows[9]["de"] = None  # found when its batch is read (streamed data is not read up front)
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=6, data__batch_size=2, data__shuffle=False,
+                          data__stream_buffer=4)
+    cfg["data"]["train"] = {"path": str(write_jsonl(tmp_path / "rows.jsonl", rows)), "streaming": True,
+                            "columns": {"text": "de", "source": "en", "lang": "lang"}}
+    with pytest.raises(polydistill.DataError, match="a row's text .* is null") as info:
+        polydistill.train(cfg)
+    latest = ckpt.latest(tmp_path / "run" / "checkpoints")
+    assert latest is not None and latest.name == "checkpoint-4"
+    assert any(f"checkpoint {latest} holds the last good state (step 4)" in n for n in info.value.__notes__)

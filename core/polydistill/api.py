@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -51,15 +52,30 @@ def train(
 
 def save_student(trainer: Any) -> Path:
     """Save the student's weights and tokenizer, and ``plugins.json``, with a model card without results."""
+    import shutil
+
     state, acc = trainer.state, trainer.accelerator
     student_dir = trainer.output_dir / "student"
     acc.wait_for_everyone()
     if acc.is_main_process:
-        student = acc.unwrap_model(state.student)
-        student.save_pretrained(student_dir, safe_serialization=True)
-        state.student_tokenizer.save_pretrained(student_dir)
+        # Built aside and renamed into place: an interrupted save leaves the old student or the new one.
+        tmp, old = student_dir.with_name(".tmp-student"), student_dir.with_name(".old-student")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            acc.unwrap_model(state.student).save_pretrained(tmp, safe_serialization=True)
+            state.student_tokenizer.save_pretrained(tmp)
+            write_atomic(tmp / "README.md", model_card(trainer.config, {}, trainer.host.versions(), state.step, trainer.vocabulary))
+            shutil.rmtree(old, ignore_errors=True)
+            if student_dir.exists():
+                os.replace(student_dir, old)
+            os.replace(tmp, student_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not student_dir.exists():
+                os.replace(old, student_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
         dump_json(trainer.output_dir / "plugins.json", trainer.host.versions())
-        write_atomic(student_dir / "README.md", model_card(trainer.config, {}, trainer.host.versions(), state.step, trainer.vocabulary))
     return student_dir
 
 

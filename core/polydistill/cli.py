@@ -130,9 +130,9 @@ def _interrupt_hint(exc: BaseException, out: Path) -> str:
         return f" (checkpoint {written} was written; continue with the same command plus --resume)"
     intact = next((c for c in ckpt.candidates(out) if ckpt.verify(c) is None), None)
     if intact is not None:
-        return (f" (aborted before a checkpoint of this point was complete; --resume continues from the newest complete "
-                f"one, {intact})")
-    return " (aborted before any checkpoint was complete: nothing to resume; run the command again without --resume)"
+        return (f" (no checkpoint was written at this interrupt; the newest complete one is {intact}: "
+                "--resume continues from there)")
+    return " (no checkpoint is complete: nothing to resume; run the command again without --resume)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

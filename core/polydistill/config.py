@@ -206,9 +206,9 @@ class TrainingConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description='Linear warm-up steps.')
     warmup_ratio: float = Field(0.0, ge=0, le=1, description='Warm-up as a fraction of all steps; used when `warmup_steps` is 0.')
     gradient_accumulation_steps: int = Field(1, ge=1, description='Micro-batches per optimizer step.')
-    max_grad_norm: float | None = Field(1.0, description='Clip the gradient norm (student and plugin modules); `null` disables.')
+    max_grad_norm: float | None = Field(1.0, gt=0, description='Clip the gradient norm (student and plugin modules that share its optimizer settings) at this value (> 0); `null` disables.')
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description='Mixed precision through accelerate.')
-    seed: int = Field(42, description='Seed for initialisation, batch order and `state.rng()`.')
+    seed: int = Field(42, ge=0, lt=2**32, description='Seed for initialisation, batch order and `state.rng()` (0 to 2³²-1).')
     num_threads: int | None = Field(None, ge=1, description='torch CPU threads.')
     log_every: int = Field(10, ge=1, description='Write loss terms, `lr` and plugin log entries to `metrics.jsonl` (and the trackers) every N steps and at the last step.')
     eval_every: int | None = Field(None, ge=1, description='Evaluate on `data.eval` every N steps. The student is also evaluated at the end.')
@@ -260,6 +260,15 @@ class Config(_Strict):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     _teachers_list = field_validator("teachers", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            twice = sorted({x for x in v if v.count(x) > 1})
+            if twice:
+                raise ValueError(f"label names must be unique; {twice} appear more than once")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -130,6 +130,8 @@ def load_source(source: DataSource, config: Config) -> Any:
                     _check_utf8(path)
                 builder = {"jsonl": "json", "tsv": "csv"}.get(fmt, fmt)
                 kwargs: dict[str, Any] = {"delimiter": "\t", "quoting": 3} if fmt == "tsv" else {}
+                if fmt in ("csv", "tsv"):
+                    kwargs["encoding"] = "utf-8-sig"  # a byte-order mark would otherwise start the first column's name
                 ds = datasets.load_dataset(builder, data_files={"train": path}, split="train", streaming=source.streaming, **kwargs)
     except DataError:
         raise
@@ -139,16 +141,47 @@ def load_source(source: DataSource, config: Config) -> Any:
         if explained:
             raise DataError(explained) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DataError(f"data: cannot read {where}: {type(exc).__name__}: {first}") from None
+        cause = exc.__cause__ or exc.__context__  # datasets wraps the reader's own error
+        why = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        raise DataError(f"data: cannot read {where}: {type(exc).__name__}: {first}"
+                        + (f" ({type(cause).__name__}: {why})" if why else "")) from None
     finally:
         quiet.setLevel(level)
     ds = normalise(ds, source, config, where)
     if not source.streaming and len(ds) == 0:
         raise DataError(f"data {where}: no rows{' left after `filter`' if source.filter else ''}")
+    if not source.streaming:
+        check_values(ds, source, config.task, where)
     if source.streaming:
         local = list(files.values()) if source.aligned is not None else ([path] if fmt != "hub" else [])
         setattr(ds, STREAMED_FILES, local)
     return ds
+
+
+def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:
+    """The mapped columns of an in-memory dataset hold what the task reads: text (or, for token
+    tasks, lists of words) and language tags as strings, no nulls, as many tags as words."""
+    cols = source.columns
+    words = task == "token_classification"
+    roles = {"text": cols.text, "source": cols.source, "lang": cols.lang}
+    for role, column in roles.items():
+        if column is None or role not in ds.column_names:
+            continue
+        expect = "a list of words (strings)" if words and role != "lang" else "a string"
+        for n, value in enumerate(ds[role]):
+            if words and role != "lang":
+                good = isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value)
+            else:
+                good = isinstance(value, str)
+            if not good:
+                shown = "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+                raise DataError(f"data {where}: row {n + 1}: column '{column}' (columns.{role}) is {shown}; expected {expect}")
+    if words and cols.label is not None and "label" in ds.column_names:
+        for n, (text, tags) in enumerate(zip(ds["text"], ds["label"])):
+            if tags is None or len(tags) != len(text):
+                got = "null" if tags is None else f"{len(tags)} tags"
+                raise DataError(f"data {where}: row {n + 1}: {len(text)} words (columns.text '{cols.text}') but {got} "
+                                f"(columns.label '{cols.label}'); each word needs one tag")
 
 
 def check_labels(ds: Any, labels: list[str], task: str, where: str, column: str) -> None:
@@ -158,7 +191,10 @@ def check_labels(ds: Any, labels: list[str], task: str, where: str, column: str)
     def ok(v: Any) -> bool:
         return v in known if isinstance(v, str) else isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < len(labels)
 
-    values = ds.unique("label") if task == "sequence_classification" else {t for row in ds["label"] for t in (row or [])}
+    try:
+        values = ds.unique("label") if task == "sequence_classification" else {t for row in ds["label"] for t in (row or [])}
+    except Exception:  # a column of mixed types (names and ids) has no Arrow kernel for unique
+        values = [v for row in ds["label"] for v in ([row] if task == "sequence_classification" else (row or []))]
     if all(ok(v) for v in values):
         return
     for n, row in enumerate(ds["label"]):
@@ -310,9 +346,17 @@ class Collator:
         known = ", ".join(self.label2id) or "none"
         raise DataError(f"label {value!r} (column `label`) is not one of the labels: {known}")
 
+    def _check_texts(self, texts: list[Any]) -> None:
+        # Loaded data is checked when it loads (check_values); streamed rows are checked here.
+        for text in texts:
+            good = (isinstance(text, (list, tuple)) and all(isinstance(w, str) for w in text)) if self.words else isinstance(text, str)
+            if not good:
+                shown = "null" if text is None else f"{type(text).__name__} {text!r}"[:80]
+                expect = "a list of words (strings)" if self.words else "a string"
+                raise DataError(f"data.train: a row's text (columns.text, or columns.source) is {shown}; expected {expect}")
+
     def _encode_one(self, tokenizer: Any, texts: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        if self.words and (not texts or not isinstance(texts[0], (list, tuple))):
-            raise DataError("token_classification needs each text as a list of words (columns.text)")
+        self._check_texts(texts)
         enc = tokenizer(
             list(texts),
             is_split_into_words=self.words,
@@ -371,6 +415,7 @@ class Collator:
         out = np.empty(len(texts), dtype=np.int32)
         for start in range(0, len(texts), chunk):
             part = list(texts[start : start + chunk])
+            self._check_texts(part)
             ids = self.student_tokenizer(part, is_split_into_words=self.words, truncation=True, max_length=self.max_length)["input_ids"]
             out[start : start + len(part)] = [len(x) for x in ids]
         return out

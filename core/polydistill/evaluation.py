@@ -9,7 +9,7 @@ import torch
 
 from polydistill import metrics as M
 from polydistill.data import Collator, Loader
-from polydistill.errors import warn
+from polydistill.errors import DataError, warn
 from polydistill.models import forward
 
 
@@ -79,6 +79,9 @@ def evaluate_model(
             for lang in sorted(preds):
                 if task == "sequence_classification":
                     per_lang[lang] = M.classification_metrics(preds[lang], refs[lang])
+                elif not any(refs[lang]):
+                    raise DataError(f"evaluation: every word of language '{lang}' ({words[lang][0]} words) lies past "
+                                    f"data.max_length={max_length}, so none can be scored; raise data.max_length")
                 else:
                     per_lang[lang] = M.token_metrics(preds[lang], refs[lang])
     finally:

@@ -33,7 +33,7 @@ from polydistill.batch import Batch, ModelOutputs, Trainable
 from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
 from polydistill.config import RESUMABLE_FIELDS, Config, changed_fields, load_config, without_fields
 from polydistill.data import Collator, load_sources, make_loader
-from polydistill.errors import CheckpointError, ConfigError, PluginError, warn
+from polydistill.errors import CheckpointError, ConfigError, DataError, PluginError, warn
 from polydistill.evaluation import evaluate_model
 from polydistill.plugins import PluginHost
 
@@ -110,7 +110,7 @@ class Trainer:
 
     def __init__(self, config: Config | dict | str, plugins: Iterable[tuple[str, Any]] = (), output_dir: str | None = None):
         self.config = config = load_config(config)
-        preflight.check(config, plugins)  # every input problem at once, before any model loads
+        preflight.check(config, plugins, output_dir=output_dir)  # every input problem at once, before any model loads
         tc = config.training
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
@@ -477,6 +477,10 @@ class Trainer:
 
         state, acc, tc = self.state, self.accelerator, self.config.training
         if resume is not None:
+            source = Path(resume)
+            source = source.parent.parent if ckpt.is_checkpoint(source) else source
+            if source.resolve() != self.output_dir.resolve():  # a run forked from another run's checkpoint
+                self._claim_output_dir(overwrite)
             self.resume(resume)
         else:
             self._claim_output_dir(overwrite)
@@ -548,46 +552,77 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _run_epoch(self, stop: _StopFlag) -> None:
-        """Steps of the current epoch from where it stands; returns at its end, at the last step, or on a stop."""
+        """Steps of the current epoch from where it stands; returns at its end, at the last step, or on a stop.
+
+        A failure mid-epoch first checkpoints the last completed step (:meth:`_keep_last_good_state`).
+        """
         state, tc = self.state, self.config.training
         accum = tc.gradient_accumulation_steps
         micro: list[dict[str, float]] = []
         # A whole accumulation group is read before its first step, so the last, smaller
         # group of an epoch divides by its own size, streamed data included.
         batches = self.loader.iterate(state.epoch, skip=state.batch_in_epoch)
-        for group in _groups(batches, accum - state.batch_in_epoch % accum, accum):
-            group_start = state.batch_in_epoch - state.batch_in_epoch % accum
-            group_size = state.batch_in_epoch - group_start + len(group)
-            for j, batch in enumerate(group):
-                sync = j == len(group) - 1
-                try:
-                    micro.append(self.step(send_to_device(batch, state.device), group_size, sync))
-                except NonFiniteLoss as exc:
-                    self._skip_or_stop(exc, group_start)
-                    if sync:
-                        self._update()
-                state.batch_in_epoch += 1
-            state.step += 1
-            keys = dict.fromkeys(k for m in micro for k in m)
-            logs = {k: float(np.mean([m[k] for m in micro if k in m])) for k in keys}
-            if state.skipped_batches:
-                logs["skipped_batches"] = state.skipped_batches
-            micro.clear()
-            logs["lr"] = state.scheduler.get_last_lr()[0]
-            self.host.call("on_step_end", state=state, logs=logs)
-            self._log(logs)
-            if tc.eval_every and state.step % tc.eval_every == 0:
-                self._metrics = self.evaluate()
-            if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                self.save_checkpoint()
-            if state.step >= state.total_steps or stop.requested:
-                return
+        start = state.batch_in_epoch
+        try:
+            for group in _groups(batches, accum - state.batch_in_epoch % accum, accum):
+                if self._run_group(group, micro, stop):
+                    return
+        except Exception as exc:
+            self._keep_last_good_state(exc)
+            raise
+        if state.batch_in_epoch == start == 0:  # an epoch with no batch would repeat forever
+            raise DataError("data.train: an epoch gave no batches (the streamed sources yield no rows: check their "
+                            "filter, limit and files)")
         state.epoch += 1
         state.batch_in_epoch = 0
         if not tc.eval_every:
             self._metrics = self.evaluate()
         if not tc.checkpoint_every:
             self.save_checkpoint()
+
+    def _run_group(self, group: list[Batch], micro: list[dict[str, float]], stop: _StopFlag) -> bool:
+        """One accumulation group and its optimizer step, logs, evaluation and checkpoint; True when the run is to stop."""
+        state, tc = self.state, self.config.training
+        accum = tc.gradient_accumulation_steps
+        group_start = state.batch_in_epoch - state.batch_in_epoch % accum
+        group_size = state.batch_in_epoch - group_start + len(group)
+        for j, batch in enumerate(group):
+            sync = j == len(group) - 1
+            try:
+                micro.append(self.step(send_to_device(batch, state.device), group_size, sync))
+            except NonFiniteLoss as exc:
+                self._skip_or_stop(exc, group_start)
+                if sync:
+                    self._update()
+            state.batch_in_epoch += 1
+        state.step += 1
+        keys = dict.fromkeys(k for m in micro for k in m)
+        logs = {k: float(np.mean([m[k] for m in micro if k in m])) for k in keys}
+        if state.skipped_batches:
+            logs["skipped_batches"] = state.skipped_batches
+        micro.clear()
+        logs["lr"] = state.scheduler.get_last_lr()[0]
+        self.host.call("on_step_end", state=state, logs=logs)
+        self._log(logs)
+        if tc.eval_every and state.step % tc.eval_every == 0:
+            self._metrics = self.evaluate()
+        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+            self.save_checkpoint()
+        return state.step >= state.total_steps or stop.requested
+
+    def _keep_last_good_state(self, exc: Exception) -> None:
+        """Before a failure mid-epoch (a bad row, a plugin error) leaves the loop: checkpoint the last completed step."""
+        state, acc = self.state, self.accelerator
+        accum = self.config.training.gradient_accumulation_steps
+        # with several processes a checkpoint needs all of them, and the others are not here
+        if acc.num_processes > 1 or state.step == 0 or self._checkpointed_at == state.step:
+            return
+        state.batch_in_epoch -= state.batch_in_epoch % accum  # the group that failed is rerun on resume
+        self._group_skipped = False
+        state.optimizer.zero_grad(set_to_none=True)
+        path = self.save_checkpoint()
+        exc.add_note(f"checkpoint {path} holds the last good state (step {state.step}); fix the cause and continue "
+                     "with --resume")
 
     def _skip_or_stop(self, exc: NonFiniteLoss, group_start: int) -> None:
         """training.nonfinite: skip this micro-batch (its group makes no optimizer step), or checkpoint and stop."""

@@ -58,6 +58,7 @@ def load_model(
 
     if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"{role}: no such model directory: {name_or_path}")  # a path, never a hub id
+    _check_head(name_or_path, task, labels, revision, role, require_head)
     try:
         model, info = _auto(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
@@ -82,6 +83,36 @@ def load_model(
                 "a teacher with a random head teaches noise. Fine-tune it first: a config with no teachers does that."
             )
     return model
+
+
+_HEADS = {"sequence_classification": "ForSequenceClassification", "token_classification": "ForTokenClassification"}
+
+
+def _check_head(name_or_path: str, task: str, labels: list[str] | None, revision: str | None, role: str, require_head: bool) -> None:
+    """Refuse a checkpoint whose head is for another task, or names other labels than the run's in the same slots."""
+    if task == "embedding":
+        return
+    from transformers import AutoConfig
+
+    try:
+        own = AutoConfig.from_pretrained(name_or_path, **({"revision": revision} if revision else {}))
+    except (OSError, ValueError):
+        return  # loading the model says what is wrong
+    archs = list(getattr(own, "architectures", None) or [])
+    other = [a for a in archs if any(a.endswith(suffix) for t, suffix in _HEADS.items() if t != task)]
+    if require_head and other and not any(a.endswith(_HEADS[task]) for a in archs):
+        raise ConfigError(f"{role}: '{name_or_path}' is a {other[0]} checkpoint, its head is not for {task}; "
+                          f"give a model trained for {task}")
+    id2label = getattr(own, "id2label", None) or {}
+    names = [id2label[i] for i in sorted(id2label)]
+    named = bool(names) and names != [f"LABEL_{i}" for i in range(len(names))]
+    if labels and named and len(names) == len(labels) and names != labels:
+        how = "in another order" if sorted(names) == sorted(labels) else "other labels"
+        raise ConfigError(
+            f"{role}: '{name_or_path}' has a head for {names} ({how} than this run's {labels}); labels are matched by "
+            "position, so its head would be used for the wrong labels. Give `labels` in the model's order, use a model "
+            "without a head for them, or student.from_teacher"
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -101,7 +101,7 @@ def header(path: Path, fmt: str) -> list[str] | None:
                         return list(row) if isinstance(row, dict) else None
             return None
         if fmt in ("csv", "tsv"):
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 first = next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), None)
             return first
         if fmt == "parquet":
@@ -160,7 +160,7 @@ def _check_source(config: Config, where: str, source: DataSource, evaluation: bo
     return problems
 
 
-def problems(config: Config, plugins: Any = None) -> list[str | PolydistillError]:
+def problems(config: Config, plugins: Any = None, output_dir: str | Path | None = None) -> list[str | PolydistillError]:
     """Every problem with the run's inputs that can be seen without loading a model, each naming its field
     (a plugin's own error as it raised it)."""
     from polydistill import plugins as P
@@ -174,6 +174,12 @@ def problems(config: Config, plugins: Any = None) -> list[str | PolydistillError
         found += _check_source(config, f"data.train[{i}]", s, evaluation=False)
     for i, s in enumerate(config.data.eval):
         found += _check_source(config, f"data.eval[{i}]", s, evaluation=True)
+    for field, value in (("output_dir", str(output_dir or config.output_dir)), ("cache.dir", config.cache.dir if config.cache.enabled else None)):
+        if value:
+            path = Path(value).expanduser()
+            blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+            if blocker is not None:
+                found.append(f"{field}: {blocker} is a file; {field} must be a folder (or a path to create one)")
     given = dict(plugins or ())
     installed = P.installed_plugins()
     for name, options in P.enabled_plugins(config.plugins, {**installed, **{n: None for n in given}} if given else installed):
@@ -185,9 +191,9 @@ def problems(config: Config, plugins: Any = None) -> list[str | PolydistillError
     return found
 
 
-def check(config: Config, plugins: Any = None, origin: str = "config") -> None:
+def check(config: Config, plugins: Any = None, origin: str = "config", output_dir: str | Path | None = None) -> None:
     """Raise one :class:`ConfigError` listing every problem :func:`problems` finds."""
-    found = problems(config, plugins)
+    found = problems(config, plugins, output_dir)
     if len(found) == 1:
         if isinstance(found[0], PolydistillError):
             raise found[0]

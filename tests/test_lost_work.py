@@ -332,3 +332,14 @@ def test_a_failure_mid_epoch_checkpoints_the_last_good_step(models, data, tmp_pa
     latest = ckpt.latest(tmp_path / "run" / "checkpoints")
     assert latest is not None and latest.name == "checkpoint-4"
     assert any(f"checkpoint {latest} holds the last good state (step 4)" in n for n in info.value.__notes__)
+
+
+def test_resuming_on_changed_training_data_warns(models, data, tmp_path):
+    rows = [{"de": f"satz {i}", "en": f"sentence {i}", "lang": "de"} for i in range(8)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=2)
+    cfg["data"]["train"]["path"] = str(path)
+    polydistill.train(cfg)
+    write_jsonl(path, rows[:4])
+    with pytest.warns(polydistill.PolydistillWarning, match="the training data changed since checkpoint"):
+        polydistill.train(cfg, overrides=["training.max_steps=3"], resume=tmp_path / "run")

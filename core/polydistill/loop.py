@@ -681,6 +681,8 @@ class Trainer:
             "history": state.history,
             # what the run computes, checked on resume (where it writes may change, so is not kept)
             "config": without_fields(self.config.resolved_dict(), RESUMABLE_FIELDS),
+            # datasets' fingerprint of the loaded training data (its files' content and dates; None when streamed)
+            "data_fingerprint": getattr(self.train_data, "_fingerprint", None),
         }
         return ckpt.save(self.accelerator, self.output_dir / "checkpoints", state.step, extra, self.config.training.keep_checkpoints)
 
@@ -733,6 +735,10 @@ class Trainer:
         state = self.state
         extra = ckpt.load_extra(found)
         self._check_resumed_config(found, extra.get("config"))
+        then, now = extra.get("data_fingerprint"), getattr(self.train_data, "_fingerprint", None)
+        if then is not None and now is not None and then != now:
+            warn(f"--resume: the training data changed since checkpoint {found} was written (its files were modified); "
+                 "the run continues on the data as it is now, which is not an exact continuation")
         self.accelerator.load_state(str(found))
         state.step, state.epoch, state.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
         state.skipped_batches = extra.get("skipped_batches", 0)

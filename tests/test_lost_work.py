@@ -343,3 +343,11 @@ def test_resuming_on_changed_training_data_warns(models, data, tmp_path):
     write_jsonl(path, rows[:4])
     with pytest.warns(polydistill.PolydistillWarning, match="the training data changed since checkpoint"):
         polydistill.train(cfg, overrides=["training.max_steps=3"], resume=tmp_path / "run")
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_first_column_name(models, data, tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffde,en,lang\n".encode("utf-8") + "".join(f"satz {i},sentence {i},de\n" for i in range(6)).encode())
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=1)
+    cfg["data"]["train"]["path"] = str(path)
+    assert [r["step"] for r in polydistill.train(cfg).history if "loss" in r] == [1]

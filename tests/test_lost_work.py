@@ -351,3 +351,15 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_first_column_name(models, data, 
     cfg = parallel_config(models, data, tmp_path, training__max_steps=1)
     cfg["data"]["train"]["path"] = str(path)
     assert [r["step"] for r in polydistill.train(cfg).history if "loss" in r] == [1]
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_trained_at(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=2, training__learning_rate=0.01)
+    rows = [r for r in polydistill.train(cfg).history if "lr" in r]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.005])  # linear decay to 0 after the last step
+
+
+def test_a_warm_up_as_long_as_the_run_warns(models, data, tmp_path):
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=2, training__warmup_steps=5)
+    with pytest.warns(polydistill.PolydistillWarning, match=r"training.warmup_steps: the warm-up \(5 steps\) is as long as the run \(2 steps\)"):
+        polydistill.train(cfg)

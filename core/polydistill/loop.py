@@ -172,6 +172,10 @@ class Trainer:
             output_dir=self.output_dir, same_tokens=same,
         )
         state.total_steps = self._total_steps()
+        warmup = tc.warmup_steps or int(tc.warmup_ratio * state.total_steps)
+        if warmup >= state.total_steps:
+            warn(f"training.warmup_steps: the warm-up ({warmup} steps) is as long as the run ({state.total_steps} steps), "
+                 "so it never trains at training.learning_rate")
 
         # Plugin modules join the student's optimizer; then everything is placed.
         own: dict[str, Trainable] = {}  # modules with their own optimizer settings
@@ -407,7 +411,8 @@ class Trainer:
         student_out = state.forward_student(batch)
         terms = host.merged("loss_terms", batch=batch, student_out=student_out, teacher_out=teacher_out, state=state)
         if not terms:
-            raise PluginError("no plugin returned a loss term: enable 'kd' (the standard terms) or another loss plugin")
+            raise PluginError("no plugin returned a loss term: enable 'kd' (the standard terms) or another loss plugin, "
+                              "and give at least one of its terms a weight above 0 (a term of weight 0 is not computed)")
         regs = host.merged("regularize", taken=terms, student=state.unwrapped_student(), state=state)
         loss = sum(terms.values()) + sum(regs.values())
         self._check_finite(loss, terms, regs)
@@ -586,6 +591,7 @@ class Trainer:
         accum = tc.gradient_accumulation_steps
         group_start = state.batch_in_epoch - state.batch_in_epoch % accum
         group_size = state.batch_in_epoch - group_start + len(group)
+        lr = state.scheduler.get_last_lr()[0]  # the rate this step trains at (the scheduler moves on after it)
         for j, batch in enumerate(group):
             sync = j == len(group) - 1
             try:
@@ -601,7 +607,7 @@ class Trainer:
         if state.skipped_batches:
             logs["skipped_batches"] = state.skipped_batches
         micro.clear()
-        logs["lr"] = state.scheduler.get_last_lr()[0]
+        logs["lr"] = lr
         self.host.call("on_step_end", state=state, logs=logs)
         self._log(logs)
         if tc.eval_every and state.step % tc.eval_every == 0:

@@ -33,7 +33,7 @@ _LAZY = {
     "Batch": "polydistill.batch",
     "ModelOutputs": "polydistill.batch",
     "Trainable": "polydistill.batch",
-    "TrainState": "polydistill.loop",
+    "TrainState": "polydistill.state",
     "forward": "polydistill.models",
     "evaluate_model": "polydistill.evaluation",
     "train": "polydistill.api",
@@ -85,6 +85,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from polydistill.config import Config, PluginSettings, load_config
     from polydistill.evaluation import evaluate_model
     from polydistill.models import forward
-    from polydistill.loop import TrainState
+    from polydistill.state import TrainState
     from polydistill.report import write_report
     from polydistill.study import ablate, plan_study

@@ -32,7 +32,9 @@ class PluginSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A settings model whose unknown fields are errors (the config sections, a study file)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -40,7 +42,7 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, (dict, BaseModel)) else value
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """One teacher: a hub id or local path loaded with transformers' Auto classes."""
 
     model: str = Field(description="Hub id or local directory, loaded with transformers' Auto class for the task.")
@@ -50,7 +52,7 @@ class TeacherConfig(_Strict):
     languages: list[str] | None = Field(None, description='Languages this teacher is strong in; not used by the core, read by teacher-selection plugins.')
 
 
-class FromTeacher(_Strict):
+class FromTeacher(StrictModel):
     """Build the student from a teacher by keeping some of its layers (DistilBERT-style)."""
 
     teacher: str | int = Field(0, description='Teacher `name`, or index in `teachers`.')
@@ -66,7 +68,7 @@ class FromTeacher(_Strict):
         return v
 
 
-class VocabularyConfig(_Strict):
+class VocabularyConfig(StrictModel):
     """The student's own vocabulary, built from the training text before training and saved with the student."""
 
     method: Literal["keep", "trim", "extend", "new"] = Field(
@@ -114,7 +116,7 @@ class VocabularyConfig(_Strict):
     seed: int | None = Field(None, description="Seed of `sample` and random rows; default `training.seed`.")
 
 
-class StudentConfig(_Strict):
+class StudentConfig(StrictModel):
     """The student: exactly one of `model`, `from_teacher` or `config`."""
 
     model: str | None = Field(None, description='Hub id or local directory of a pretrained student, loaded for the task with `labels`; a checkpoint without a classification head gets a randomly initialised one.')
@@ -136,7 +138,7 @@ class StudentConfig(_Strict):
         return self
 
 
-class Columns(_Strict):
+class Columns(StrictModel):
     """Which dataset columns hold what."""
 
     text: str = Field("text", description='Column with the text the student reads. For token classification each value is a list of words. With `aligned`, one of the `aligned` keys.')
@@ -145,7 +147,7 @@ class Columns(_Strict):
     lang: str | None = Field(None, description="Column holding each row's language tag; else the source's `lang`.")
 
 
-class DataSource(_Strict):
+class DataSource(StrictModel):
     """One dataset: a local file, aligned plain-text files, or a hub dataset id."""
 
     path: str | None = Field(None, description='A file (`.jsonl`, `.json`, `.csv`, `.tsv`, `.parquet`) or a Hugging Face hub dataset id.')
@@ -169,7 +171,7 @@ class DataSource(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Training and evaluation data, tokenization and batching."""
 
     train: list[DataSource] = Field(
@@ -188,7 +190,7 @@ class DataConfig(_Strict):
     _as_list = field_validator("train", "eval", mode="before")(classmethod(lambda cls, v: _as_list(v)))
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     """Optimisation, schedule, precision, logging and checkpoints."""
 
     epochs: int = Field(1, ge=1, description='Passes over the training data; ignored when `max_steps` is set.')
@@ -225,7 +227,7 @@ class TrainingConfig(_Strict):
     progress: bool = Field(True, description='Show a progress bar.')
 
 
-class CacheConfig(_Strict):
+class CacheConfig(StrictModel):
     """Teacher-output cache: teacher logits/embeddings stored on disk by input text."""
 
     enabled: bool = Field(False, description='Use the cache.')
@@ -233,7 +235,7 @@ class CacheConfig(_Strict):
     dtype: Literal["float16", "float32"] = Field("float32", description='Storage precision.')
 
 
-class Config(_Strict):
+class Config(StrictModel):
     """A polydistill run."""
 
     task: Task = Field(description='What the models do. Sequence classification: one label per text. Token classification: one tag per word (texts are lists of words). Embedding: pooled sentence embeddings (the model is loaded with `AutoModel`).')

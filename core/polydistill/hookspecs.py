@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from polydistill.batch import Batch, ModelOutputs, Trainable
-    from polydistill.loop import TrainState
+    from polydistill.state import TrainState
 
 PROJECT = "polydistill"
 hookspec = pluggy.HookspecMarker(PROJECT)

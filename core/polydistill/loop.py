@@ -1,7 +1,7 @@
 """The training loop: one step, the run around it, and the state hooks see.
 
-Reading order: ``TrainState`` (what plugins get), ``Trainer.__init__`` (build
-everything), ``Trainer.fit`` (epochs, logging, evaluation, checkpoints) and
+Reading order: ``Trainer.__init__`` (build everything; the state plugins see is
+``polydistill.state.TrainState``), ``Trainer.fit`` (epochs, logging, evaluation, checkpoints) and
 ``Trainer.step`` (the hook points of one step). The loop has no device code:
 accelerate places models and batches.
 """
@@ -15,7 +15,6 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,78 +30,12 @@ from polydistill import preflight
 from polydistill import vocabulary as V
 from polydistill.batch import Batch, ModelOutputs, Trainable
 from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
-from polydistill.config import RESUMABLE_FIELDS, Config, changed_fields, load_config, without_fields
+from polydistill.config import RESUMABLE_FIELDS, Config, changed_fields, flat_fields, load_config, without_fields
 from polydistill.data import Collator, load_sources, make_loader
 from polydistill.errors import CheckpointError, ConfigError, DataError, PluginError, warn
 from polydistill.evaluation import evaluate_model
 from polydistill.plugins import PluginHost
-
-
-@dataclass
-class TrainState:
-    """What every hook receives as ``state``: the run's models, settings and progress."""
-
-    config: Config
-    accelerator: Accelerator
-    student: nn.Module
-    teachers: list[nn.Module]
-    teacher_names: list[str]
-    student_tokenizer: Any
-    teacher_tokenizers: list[Any]
-    labels: list[str] | None
-    plugins: PluginHost
-    output_dir: Path
-    #: Per teacher: True when it reads exactly the student's tokens (same tokenizer, same text).
-    same_tokens: list[bool] = field(default_factory=list)
-    optimizer: Any = None
-    scheduler: Any = None
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    total_steps: int = 0
-    #: Micro-batches left out because their loss was not finite (training.nonfinite: skip).
-    skipped_batches: int = 0
-    #: Set by plugins (before the first step) that need per-layer outputs.
-    need_hidden_states: bool = False
-    need_attentions: bool = False
-    modules: dict[str, nn.Module] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def task(self) -> str:
-        return self.config.task
-
-    def settings(self, plugin: str) -> Any:
-        """The validated settings of an enabled plugin (None if it has no settings model)."""
-        return self.plugins.settings.get(plugin)
-
-    def rng(self, salt: int = 0) -> torch.Generator:
-        """A CPU generator seeded by the run's seed and position (epoch, micro-batch, process) and ``salt``.
-
-        The same position gives the same draws, so a resumed run makes the same
-        choices; each micro-batch of an accumulation group and each process differs.
-        """
-        key = (self.config.training.seed, self.epoch, self.batch_in_epoch, self.accelerator.process_index, salt)
-        return torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
-
-    def unwrapped_student(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.student)
-
-    def forward_student(self, batch: Batch) -> ModelOutputs:
-        """Run the student on ``batch`` exactly as the loop's own student forward does.
-
-        Same task, word positions, pooling and per-layer outputs; with grad, and
-        in training mode during a step, so dropout makes each call differ (a
-        second pass for consistency terms such as R-Drop's). Since API 1.1.
-        """
-        return M.forward(
-            self.student, batch.student_inputs, self.config.task, batch.student_words,
-            self.config.pooling, self.need_hidden_states, self.need_attentions,
-        )
+from polydistill.state import TrainState
 
 
 class Trainer:
@@ -500,7 +433,10 @@ class Trainer:
         if self.vocabulary is not None:
             acc.print(self.vocabulary.summary() + "\n" + self.vocabulary.markdown())
         if self.config.trackers:
-            acc.init_trackers(self.config.project_name, config=_flat(self.config.to_dict()))
+            # trackers take scalars: other values (lists, empty mappings) as JSON text
+            acc.init_trackers(self.config.project_name, config={
+                k: v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+                for k, v in flat_fields(self.config.to_dict()).items()})
         stop = _StopFlag()
         self._pending: list[dict[str, float]] = []
         self._metrics: dict[str, Any] = {}
@@ -832,17 +768,6 @@ def _fresh_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
-    return out
 
 
 def _groups(items: Iterable[Any], first: int, size: int) -> Iterable[list[Any]]:

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from polydistill import __version__
 from polydistill.checkpoint import dump_json, find as find_checkpoint
-from polydistill.config import RUNTIME_FIELDS, apply_overrides, changed_fields, format_validation_error, load_config, read_config_file, set_path, without_fields
+from polydistill.config import RUNTIME_FIELDS, StrictModel, apply_overrides, changed_fields, format_validation_error, load_config, read_config_file, set_path, without_fields
 from polydistill.errors import ConfigError, PolydistillError
 
 STUDY_FILE = "study.json"
@@ -45,11 +45,7 @@ LOCK_FILE = ".lock"
 # --------------------------------------------------------------------------- the study file
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Axis(_Strict):
+class Axis(StrictModel):
     """One factor of the study: exactly one of field+values, levels, add_one_in, leave_one_out."""
 
     field: str | None = Field(None, description="Dotted config path this axis varies, e.g. plugins.kd.temperature.")
@@ -92,7 +88,7 @@ class Axis(_Strict):
         return [("all", everything)] + [(f"-{name}", {**everything, f"plugins.{name}": False}) for name in plugins]
 
 
-class StudyConfig(_Strict):
+class StudyConfig(StrictModel):
     """An ablation study: what to vary, over which seeds, where to write it and how to run it."""
 
     name: str | None = Field(None, description="Study name used in reports; default: the study file's name.")

@@ -426,3 +426,15 @@ def test_a_streamed_corpus_is_held_at_most_one_buffer_at_a_time(tmp_path, tok):
     assert len(seen) == n  # every line went through
     assert max(held) <= buffer
     assert max(rss) - rss[len(rss) // 10] < 25  # MiB: no growth with the lines read
+
+
+def test_load_data_reads_a_plugin_s_file_as_the_run_s_data_are_read(data, tmp_path):
+    import polydistill
+
+    cfg = polydistill.load_config({"task": "sequence_classification", "student": {"model": "m"}, "data": {"train": {"path": str(data["eval"])}}})
+    ds = polydistill.load_data({"path": str(data["eval"]), "columns": {"label": "label", "lang": "lang"}, "limit": 3}, cfg)
+    assert ds.column_names == ["text", "label", "lang"] and len(ds) == 3
+    with pytest.raises(polydistill.ConfigError, match=r"data source: 1 invalid option:\n  colums: unknown option; did you mean 'columns'\?"):
+        polydistill.load_data({"path": str(data["eval"]), "colums": {}}, cfg)
+    with pytest.raises(polydistill.DataError, match="column 'nope' .*not found"):
+        polydistill.load_data({"path": str(data["eval"]), "columns": {"text": "nope"}}, cfg)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 #: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState): a plugin made for
 #: MAJOR.MINOR runs on any MAJOR.N with N >= MINOR. 1.1: ``TrainState.forward_student``. 1.2: ``Trainable``
-#: (a plugin module's own learning rate and clipping), ``ModelOutputs.layer_mask`` and ``.sample_mask``.
+#: (a plugin module's own learning rate and clipping), ``ModelOutputs.layer_mask`` and ``.sample_mask``,
+#: ``load_data`` (a plugin's own data file, read as the run's).
 API_VERSION = "1.2"
 
 from polydistill.errors import (  # noqa: E402
@@ -33,6 +34,7 @@ _LAZY = {
     "Batch": "polydistill.batch",
     "ModelOutputs": "polydistill.batch",
     "Trainable": "polydistill.batch",
+    "load_data": "polydistill.data",
     "TrainState": "polydistill.state",
     "forward": "polydistill.models",
     "evaluate_model": "polydistill.evaluation",
@@ -65,6 +67,7 @@ __all__ = [
     "evaluate_model",
     "forward",
     "hookimpl",
+    "load_data",
     "load_config",
     "plan_study",
     "train",
@@ -83,6 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from polydistill.api import RunResult, evaluate, train
     from polydistill.batch import Batch, ModelOutputs, Trainable
     from polydistill.config import Config, PluginSettings, load_config
+    from polydistill.data import load_data
     from polydistill.evaluation import evaluate_model
     from polydistill.models import forward
     from polydistill.state import TrainState

@@ -14,7 +14,7 @@ import torch
 
 from polydistill.batch import Batch
 from polydistill.config import Config, DataSource
-from polydistill.errors import DataError
+from polydistill.errors import ConfigError, DataError
 from polydistill.preflight import DATA_SUFFIXES, looks_local
 
 #: Attribute of a streamed dataset: its local files, scanned for the bad line when a read fails.
@@ -156,6 +156,25 @@ def load_source(source: DataSource, config: Config) -> Any:
         local = list(files.values()) if source.aligned is not None else ([path] if fmt != "hub" else [])
         setattr(ds, STREAMED_FILES, local)
     return ds
+
+
+def load_data(source: DataSource | dict[str, Any], config: Config, labels: list[str] | None = None) -> Any:
+    """One data source, read and checked as the run's own data: columns renamed to text/source/label/lang.
+
+    ``source`` is a :class:`~polydistill.config.DataSource` or its mapping
+    (``{"path": ..., "columns": {...}, "limit": ...}``); relative paths resolve
+    like the config's. Plugins read their own data files through this (API 1.2).
+    """
+    from pydantic import ValidationError
+
+    from polydistill.config import format_validation_error
+
+    if isinstance(source, dict):
+        try:
+            source = DataSource.model_validate(source)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, DataSource, "data source")) from None
+    return load_sources([source], config, labels)
 
 
 def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -265,42 +264,19 @@ class MultiTeacher:
 
     def _load_heldout(self, state: Any) -> tuple[Any, Any]:
         """The held-out set as the student reads it and as the teachers read it (normalised columns)."""
-        import datasets
-
         h = self.settings.heldout
         assert h is not None
-        path = state.config.resolve_path(h.path)
-        suffix = Path(path).suffix.lower()
-        fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(suffix)
-        if fmt is None:
-            raise _err("heldout.path", f"{path}: use a .jsonl, .json, .csv, .tsv or .parquet file")
-        if not Path(path).is_file():
-            raise _err("heldout.path", f"file not found: {path}")
-        datasets.disable_progress_bars()
-        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        try:
-            ds = datasets.load_dataset(fmt, data_files={"heldout": path}, split="heldout", **kwargs)
-        except Exception as exc:
-            raise _err("heldout.path", f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-        wanted = {"text": h.text, "lang": h.lang}
-        if state.task != "embedding":
-            wanted["label"] = h.label
-        if h.source is not None or state.task == "embedding":
-            if h.source is None:
-                raise _err("heldout.source", "the embedding task scores bitext retrieval; give the column of the other side")
-            wanted["source"] = h.source
-        for role, col in wanted.items():
-            if col not in ds.column_names:
-                raise _err(f"heldout.{role}", f"column {col!r} not in {path}; columns are: {', '.join(ds.column_names)}")
-        if h.limit is not None:
-            ds = ds.select(range(min(h.limit, len(ds))))
-        ds = ds.select_columns(list(wanted.values()))
-        ds = ds.rename_columns({c: r for r, c in wanted.items() if c != r}) if any(c != r for r, c in wanted.items()) else ds
-        if "source" in wanted and state.task != "embedding":
-            teacher_ds = ds.remove_columns("text").rename_column("source", "text")
-        else:
-            teacher_ds = ds
-        return ds, teacher_ds
+        embedding = state.task == "embedding"
+        if embedding and h.source is None:
+            raise _err("heldout.source", "the embedding task scores bitext retrieval; give the column of the other side")
+        columns = {"text": h.text, "source": h.source, "label": None if embedding else h.label, "lang": h.lang}
+        try:  # read and checked as the run's own data are (formats, columns, values)
+            ds = polydistill.load_data({"path": h.path, "limit": h.limit, "columns": columns}, state.config, state.labels)
+        except polydistill.DataError as exc:
+            raise _err("heldout.path", str(exc).removeprefix("data: ")) from None
+        if h.source is not None and not embedding:
+            return ds.remove_columns("source"), ds.remove_columns("text").rename_column("source", "text")
+        return ds, ds
 
     # ------------------------------------------------------------------ selective distillation
 

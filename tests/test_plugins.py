@@ -359,3 +359,26 @@ def test_importing_the_pytest_plugin_is_cheap():
     code = "import sys, polydistill.testing; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_each_hook_s_combining_rule_is_data_and_its_docstring_says_it():
+    """One table (hookspecs.COMBINING) drives PluginHost.run; every hook's "Combining:" line states its rule."""
+    from polydistill import hookspecs
+
+    hooks = set(hookspecs.STEP_HOOKS) | set(hookspecs.LIFECYCLE_HOOKS)
+    assert set(hookspecs.COMBINING) == hooks
+    assert set(hookspecs.COMBINING.values()) <= set(hookspecs.COMBINING_PHRASES)
+    for hook, rule in hookspecs.COMBINING.items():
+        doc = " ".join(getattr(hookspecs, hook).__doc__.split())
+        assert "Combining: " in doc, hook
+        line = doc.split("Combining: ", 1)[1]
+        assert hookspecs.COMBINING_PHRASES[rule] in line, f"{hook}: rule {rule!r} but the docstring says: {line[:120]}"
+        others = [r for r in hookspecs.COMBINING_PHRASES if r != rule and hookspecs.COMBINING_PHRASES[r] in line]
+        assert not others, f"{hook}: the docstring also reads as {others}"
+
+
+def test_call_sites_do_not_choose_a_combining_rule():
+    import re
+
+    loop = (ROOT / "core" / "polydistill" / "loop.py").read_text(encoding="utf-8")
+    assert not re.findall(r"host\.(single|merged|call|per_plugin|augment_batch|load_states)\(", loop)

@@ -54,6 +54,33 @@ LIFECYCLE_HOOKS = (
     "on_train_end",
 )
 
+#: How each hook's answers combine; ``PluginHost.run`` applies the rule, so call sites
+#: never choose one. Each hook's docstring says it on its "Combining:" line (a test
+#: checks the line against this table, through ``COMBINING_PHRASES``).
+COMBINING = {
+    "trainable_modules": "per_plugin",
+    "setup": "each",
+    "augment_batch": "chain",
+    "select_teachers": "single",
+    "teacher_outputs": "single",
+    "loss_terms": "merged",
+    "regularize": "merged",
+    "on_step_end": "each",
+    "on_evaluate": "merged",
+    "state_dict": "per_plugin",
+    "load_state_dict": "own_state",
+    "on_train_end": "each",
+}
+#: What the "Combining:" line of a hook with each rule says.
+COMBINING_PHRASES = {
+    "chain": "chained in the order plugins are listed",  # each gets the previous one's batch
+    "single": "at most one plugin may return a value",  # two answers are an error naming both
+    "merged": "a name returned",  # the union of the dicts; a key returned twice is an error
+    "each": "every implementation runs",  # results ignored
+    "per_plugin": "under the plugin's name",  # {plugin: result}
+    "own_state": "only for plugins that saved a state",  # each plugin gets its own saved state back
+}
+
 
 @hookspec
 def trainable_modules(state: TrainState) -> dict[str, torch.nn.Module | Trainable] | None:
@@ -72,8 +99,8 @@ def trainable_modules(state: TrainState) -> dict[str, torch.nn.Module | Trainabl
     clipped on its own (a learned temperature moves little at a transformer's
     learning rate). The LR schedule scales every group alike.
 
-    Combining: every plugin's dict is collected; names are made unique by
-    prefixing the plugin name (``"kd.projection"``). Return None for none.
+    Combining: every plugin's dict is collected, each module under the plugin's
+    name (``"kd.projection"``), so names are unique. Return None for none.
     """
 
 

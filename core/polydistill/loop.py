@@ -112,7 +112,7 @@ class Trainer:
 
         # Plugin modules join the student's optimizer; then everything is placed.
         own: dict[str, Trainable] = {}  # modules with their own optimizer settings
-        for plugin, mods in self.host.per_plugin("trainable_modules", state=state).items():
+        for plugin, mods in self.host.run("trainable_modules", state=state).items():
             for name, module in mods.items():
                 key = f"{plugin}.{name}"
                 if isinstance(module, Trainable):
@@ -133,7 +133,7 @@ class Trainer:
         self.caches = self._caches()
         self._evaluated_at = self._checkpointed_at = -1
         self._group_skipped = False  # a micro-batch of this accumulation group had a non-finite loss
-        self.host.call("setup", state=state)
+        self.host.run("setup", state=state)
         if state.need_attentions:  # models load with SDPA where they can (faster), which returns no attention maps
             for model in [state.unwrapped_student(), *state.teachers]:
                 if model.config._attn_implementation != "eager":
@@ -231,11 +231,11 @@ class Trainer:
         state = self.state
         if not state.teachers:
             return None
-        weights = self.host.single("select_teachers", batch=batch, teachers=state.teachers, state=state)
+        weights = self.host.run("select_teachers", batch=batch, teachers=state.teachers, state=state)
         if weights is None:
             weights = torch.full((len(state.teachers),), 1.0 / len(state.teachers), device=state.device)
         with torch.no_grad():
-            fused = self.host.single("teacher_outputs", batch=batch, teachers=state.teachers, weights=weights, state=state)
+            fused = self.host.run("teacher_outputs", batch=batch, teachers=state.teachers, weights=weights, state=state)
             return fused if fused is not None else self.default_teacher_outputs(batch, weights)
 
     def run_teacher(self, i: int, batch: Batch) -> ModelOutputs:
@@ -337,16 +337,16 @@ class Trainer:
         one optimizer step (gradient accumulation); each loss is divided by it.
         """
         state, host, acc = self.state, self.host, self.accelerator
-        batch = host.augment_batch(batch, state)
+        batch = host.run("augment_batch", batch=batch, state=state)
         if not batch.student_inputs:
             raise PluginError("data.train is empty and no plugin generated this batch in augment_batch (e.g. gan_data)", hook="augment_batch")
         teacher_out = self.teacher_forward(batch)
         student_out = state.forward_student(batch)
-        terms = host.merged("loss_terms", batch=batch, student_out=student_out, teacher_out=teacher_out, state=state)
+        terms = host.run("loss_terms", batch=batch, student_out=student_out, teacher_out=teacher_out, state=state)
         if not terms:
             raise PluginError("no plugin returned a loss term: enable 'kd' (the standard terms) or another loss plugin, "
                               "and give at least one of its terms a weight above 0 (a term of weight 0 is not computed)")
-        regs = host.merged("regularize", taken=terms, student=state.unwrapped_student(), state=state)
+        regs = host.run("regularize", taken=terms, student=state.unwrapped_student(), state=state)
         loss = sum(terms.values()) + sum(regs.values())
         self._check_finite(loss, terms, regs)
         with contextlib.nullcontext() if sync else acc.no_sync(state.student):
@@ -461,7 +461,7 @@ class Trainer:
             metrics = self._metrics
             if self._evaluated_at != state.step:
                 metrics = self.evaluate()
-            self.host.call("on_train_end", state=state, metrics=metrics)
+            self.host.run("on_train_end", state=state, metrics=metrics)
             api.save_results(self, metrics)
             if self.config.trackers:
                 acc.end_training()
@@ -544,7 +544,7 @@ class Trainer:
             logs["skipped_batches"] = state.skipped_batches
         micro.clear()
         logs["lr"] = lr
-        self.host.call("on_step_end", state=state, logs=logs)
+        self.host.run("on_step_end", state=state, logs=logs)
         self._log(logs)
         if tc.eval_every and state.step % tc.eval_every == 0:
             self._metrics = self.evaluate()
@@ -598,7 +598,7 @@ class Trainer:
             state.unwrapped_student(), state.student_tokenizer, self.eval_data, self.config.task, state.labels,
             dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, self.config.pooling, state.device,
         )
-        extra = self.host.merged("on_evaluate", state=state, metrics=metrics)
+        extra = self.host.run("on_evaluate", state=state, metrics=metrics)
         if extra:
             metrics["plugins"] = extra
         flat = {f"eval/{k}": v for k, v in metrics["average"].items()}
@@ -618,7 +618,7 @@ class Trainer:
             "batch_in_epoch": state.batch_in_epoch,
             "skipped_batches": state.skipped_batches,
             "scheduler": state.scheduler.state_dict(),
-            "plugins": self.host.per_plugin("state_dict", state=state),
+            "plugins": self.host.run("state_dict", state=state),
             "plugin_modules": self.plugin_modules.state_dict(),
             "history": state.history,
             # what the run computes, checked on resume (where it writes may change, so is not kept)
@@ -688,7 +688,7 @@ class Trainer:
         self.plugin_modules.load_state_dict(extra["plugin_modules"])
         state.history = list(extra.get("history", []))
         self._checkpointed_at = state.step
-        self.host.load_states(state, extra.get("plugins", {}))
+        self.host.run("load_state_dict", state=state, saved=extra.get("plugins", {}))
         self.accelerator.print(f"resumed from {found} at step {state.step}")
 
     def _log(self, logs: dict[str, float]) -> None:

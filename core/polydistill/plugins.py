@@ -24,8 +24,8 @@ ENTRY_POINT_GROUP = "polydistill.plugins"
 DEFAULTS_GROUP = "polydistill.default_plugins"
 TRACE_ENV = "POLYDISTILL_TRACE"
 
-_SINGLE_ANSWER = ("select_teachers", "teacher_outputs")
-_MERGED = ("loss_terms", "regularize", "on_evaluate")
+_SINGLE_ANSWER = tuple(h for h, rule in hookspecs.COMBINING.items() if rule == "single")
+_MERGED = tuple(h for h, rule in hookspecs.COMBINING.items() if rule == "merged")
 
 
 @dataclass
@@ -259,6 +259,22 @@ class PluginHost:
 
     # ---- combining rules -------------------------------------------------
 
+    def run(self, hook: str, **kwargs: Any) -> Any:
+        """Call ``hook`` and combine its answers by its rule in ``hookspecs.COMBINING``."""
+        rule = hookspecs.COMBINING[hook]
+        if rule == "chain":
+            return self.augment_batch(**kwargs)
+        if rule == "single":
+            return self.single(hook, **kwargs)
+        if rule == "merged":
+            return self.merged(hook, **kwargs)
+        if rule == "per_plugin":
+            return self.per_plugin(hook, **kwargs)
+        if rule == "own_state":
+            return self.load_states(**kwargs)
+        self.call(hook, **kwargs)
+        return None
+
     def augment_batch(self, batch: Any, state: Any) -> Any:
         for caller in self._augmenters:
             (result,) = caller(batch=batch, state=state) or [None]
@@ -309,6 +325,7 @@ class PluginHost:
         return self.pm.subset_hook_caller(hook, [p for n, p in self.pm.list_name_plugin() if n != name])
 
     def load_states(self, state: Any, saved: dict[str, Any]) -> None:
+        """Hand each plugin that saved a state (``saved``: plugin name -> state) its own back."""
         for impl in self.pm.hook.load_state_dict.get_hookimpls():
             if impl.plugin_name in saved:
                 self._only(impl.plugin_name, "load_state_dict")(state=state, plugin_state=saved[impl.plugin_name])

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from polydistill.errors import ConfigError
-from polydistill.report import read_study_dir, paired_test, sign_flip_test, t_cdf, t_ppf, t_two_sided_p, write_report
+from polydistill.report import read_study_dir, write_report
+from polydistill.stats import paired_test, sign_flip_test, t_cdf, t_ppf, t_two_sided_p
 
 BASE = "augment=off, temperature=1"
 CELLS = [("off", "1"), ("off", "4"), ("synonym", "1"), ("synonym", "4")]

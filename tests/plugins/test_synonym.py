@@ -12,7 +12,7 @@ import torch
 import polydistill
 from polydistill import ConfigError, PolydistillWarning, hookimpl
 from polydistill.loop import TrainState
-from polydistill_plugins import augment
+from polydistill_plugins.augment import synonym as augment
 from polydistill_plugins.augment import SynonymAugment, load_wordnet
 
 from conftest import PAIRS, write_jsonl

@@ -15,11 +15,10 @@ import torch
 from polydistill.batch import Batch
 from polydistill.config import Config, DataSource
 from polydistill.errors import ConfigError, DataError
-from polydistill.preflight import DATA_SUFFIXES, looks_local
+from polydistill.preflight import DATA_SUFFIXES, FORMATS, looks_local
 
 #: Attribute of a streamed dataset: its local files, scanned for the bad line when a read fails.
 STREAMED_FILES = "_polydistill_files"
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
 def _describe(source: DataSource) -> str:
@@ -113,7 +112,7 @@ def load_source(source: DataSource, config: Config) -> Any:
             path = config.resolve_path(source.path)
             fmt = source.format
             if fmt == "auto":
-                fmt = _FORMATS.get(Path(path).suffix.lower(), "hub")
+                fmt = FORMATS.get(Path(path).suffix.lower(), "hub")
                 if fmt == "hub" and Path(path).is_file():
                     raise DataError(f"data: cannot tell the format of {path}; set `format` (jsonl, csv, tsv, parquet)")
             local = Path(path).suffix.lower() in DATA_SUFFIXES or looks_local(source.path, config._base_dir)

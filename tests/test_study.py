@@ -217,7 +217,7 @@ def test_parallel_processes_give_the_sequential_results(models, data, trained_te
 
 
 def test_a_run_process_that_dies_is_a_failed_run(models, data, trained_teacher, tmp_path, monkeypatch):
-    from polydistill import study as S
+    from polydistill.study import executors as S  # the module whose _run_processes looks _spec up
 
     def torn_spec(plan, run, threads):  # the worker crashes before it can write a result
         spec = original(plan, run, threads)

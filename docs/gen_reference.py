@@ -169,6 +169,15 @@ def rst_to_md(text: str) -> str:
     return "\n".join(out)
 
 
+def hook_signature(name: str, func: Any) -> str:
+    """The ``def`` line the reference shows for a hook: ``inspect.signature`` as it is.
+
+    hookspecs.py has ``from __future__ import annotations``, so the annotations
+    are their source text, which ``str(signature)`` quotes; the quotes are dropped.
+    """
+    return f"def {name}{str(inspect.signature(func)).replace(chr(39), '')}"
+
+
 def hooks_reference() -> str:
     from polydistill import hookspecs
 
@@ -179,16 +188,17 @@ def hooks_reference() -> str:
         "",
         rst_to_md(inspect.getdoc(hookspecs) or ""),
         "",
-        "A plugin implements any of these as methods decorated with `@polydistill.hookimpl`,",
-        "taking any subset of the arguments by name. The objects they receive (`Batch`,",
-        "`ModelOutputs`, `TrainState`) and worked examples: [Hooks](../hooks.md).",
+        "Each hook below: its signature, when it is called, what it receives and returns, and",
+        "how the answers of several plugins combine. How a step runs, the combining rules in",
+        "general, the objects hooks receive (`Batch`, `ModelOutputs`, `TrainState`) and worked",
+        "examples: [Hooks](../hooks.md).",
         "",
     ]
     for title, names in (("Step hooks", hookspecs.STEP_HOOKS), ("Lifecycle hooks", hookspecs.LIFECYCLE_HOOKS)):
         out += [f"## {title}", ""]
         for name in names:
             func = getattr(hookspecs, name)
-            out += [f"### `{name}` {{#{name}}}", "", "```python", f"def {name}{str(inspect.signature(func)).replace(chr(39), '')}", "```", "",
+            out += [f"### `{name}` {{#{name}}}", "", "```python", hook_signature(name, func), "```", "",
                     rst_to_md(inspect.getdoc(func) or ""), ""]
     return "\n".join(out).rstrip() + "\n"
 

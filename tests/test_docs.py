@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib.util
 import inspect
 import re
@@ -65,6 +67,75 @@ def test_every_hook_is_in_the_hook_reference_with_its_docstring():
         assert name in sections, f"no section for hook {name}"
         first = inspect.getdoc(getattr(hookspecs, name)).splitlines()[0].replace("``", "`")
         assert first in sections[name], name
+
+
+def _hookspecs() -> dict[str, typing.Callable]:
+    """Every function pluggy takes as a hook specification (the marker sets ``polydistill_spec``)."""
+    marker = f"{hookspecs.PROJECT}_spec"
+    return {name: f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, marker)}
+
+
+def test_hook_reference_shows_every_hookspec_with_its_real_signature():
+    specs = _hookspecs()
+    # the generator renders the hooks these lists name, so a hookspec missing from them would be missing from the page
+    assert sorted(specs) == sorted(hookspecs.STEP_HOOKS + hookspecs.LIFECYCLE_HOOKS)
+    sections = _sections((DOCS / "reference" / "hooks.md").read_text(encoding="utf-8"))
+    for name, spec in specs.items():
+        doc = inspect.getdoc(spec) or ""
+        assert "Called" in doc and "Combining: " in doc, f"hookspec {name}'s docstring does not say when it is called and how answers combine"
+        params = inspect.signature(spec).parameters.values()
+        assert all(p.annotation is not p.empty and p.default is p.empty for p in params), f"hookspec {name}: annotate every argument, give none a default"
+        assert name in sections, f"docs/reference/hooks.md has no section for hook {name}"
+        # hookspecs.py has `from __future__ import annotations`: each annotation is its source text, which str() quotes
+        real = f"def {name}{inspect.signature(spec)}".replace("'", "")
+        ast.parse(real + ": ...")  # what the page shows is Python
+        blocks = re.findall(r"^```python\n(.*?)^```", sections[name], flags=re.M | re.S)
+        shown = [line for block in blocks for line in block.splitlines() if line.startswith("def ")]
+        assert shown == [real], f"docs/reference/hooks.md shows {shown} for {name}; hookspecs.py has\n  {real}\nrun `python docs/gen_reference.py`"
+
+
+def test_hook_reference_is_what_the_generator_writes_now():
+    committed = (DOCS / "reference" / "hooks.md").read_text(encoding="utf-8")
+    fresh = _generator().hooks_reference()
+    diff = "".join(difflib.unified_diff(committed.splitlines(True), fresh.splitlines(True), "docs/reference/hooks.md", "generated", n=1))
+    assert not diff, f"run `python docs/gen_reference.py`:\n{diff[:3000]}"
+
+
+def test_every_hook_the_hooks_guide_names_exists():
+    """docs/hooks.md names hooks in its order diagram, in links to the reference and in its examples' hookimpls."""
+    specs = _hookspecs()
+    text = (DOCS / "hooks.md").read_text(encoding="utf-8")
+    # The order diagram: every word left of its comments that is not in (...) or a loop header is a hook, and every hook is there.
+    diagram = re.search(r"\{#order\}\s*```text\n(.*?)^```", text, flags=re.M | re.S)
+    assert diagram, "docs/hooks.md has no order diagram under its {#order} heading"
+    in_diagram = set()
+    for line in diagram.group(1).splitlines():
+        steps = re.sub(r"\([^)]*\)", "", re.split(r"\s{2,}", line.strip())[0])
+        if steps.endswith(":"):
+            continue
+        for word in re.findall(r"\w+", steps):
+            assert word in specs, f"docs/hooks.md's order diagram names {word!r}, which is not a hook"
+            in_diagram.add(word)
+    assert in_diagram == set(specs), f"docs/hooks.md's order diagram leaves out {sorted(set(specs) - in_diagram)}"
+    # Links to a hook's reference entry: the anchor is a hook, and a link text naming a hook names that one.
+    for page in DOCS.rglob("*.md"):
+        for label, anchor in re.findall(r"\[([^\]]*)\]\((?:\.\./)?reference/hooks\.md#([\w-]+)\)", page.read_text(encoding="utf-8")):
+            where = page.relative_to(DOCS)
+            assert anchor in specs, f"{where} links to reference/hooks.md#{anchor}, which is not a hook"
+            named = label.strip("`")
+            assert named not in specs or named == anchor, f"{where}: the link [{label}] goes to hook {anchor}"
+    # The examples: each @polydistill.hookimpl method is a hook and asks only for that hook's arguments.
+    examples = re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)
+    implemented = 0
+    for block in examples:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.FunctionDef) and any(ast.unparse(d).endswith("hookimpl") for d in node.decorator_list):
+                assert node.name in specs, f"docs/hooks.md's example implements {node.name!r}, which is not a hook"
+                wanted = [a.arg for a in node.args.args if a.arg != "self"]
+                allowed = inspect.signature(specs[node.name]).parameters
+                assert set(wanted) <= set(allowed), f"docs/hooks.md's {node.name} asks for {wanted}; the hook has {list(allowed)}"
+                implemented += 1
+    assert implemented, "docs/hooks.md's examples implement no hook"
 
 
 def _assert_documented(sections: dict[str, str], model: type[BaseModel], anchor: str, where: str) -> None:

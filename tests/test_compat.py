@@ -29,7 +29,7 @@ def test_accelerate_state_can_be_reset_for_another_precision_in_one_process():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from polydistill.loop import _fresh_accelerate_state
+    from polydistill.build import fresh_accelerate_state as _fresh_accelerate_state
 
     _fresh_accelerate_state()
     assert Accelerator(mixed_precision="no").mixed_precision == "no"

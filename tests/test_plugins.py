@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import inspect
-import re
 import subprocess
 import sys
 import textwrap
@@ -242,40 +240,6 @@ def test_trace_switch_prints_every_hook_call(models, data, tmp_path, monkeypatch
         assert f"[polydistill trace] {hook} [hook]" in err, hook
     assert "[polydistill trace] finish loss_terms -->" in err
     assert "TrainState(" not in err  # argument dumps are left out
-
-
-def _signature(name: str, params: list[tuple[str, str]], returns: str) -> str:
-    """A hook signature as normalised Python source (ast.unparse: spacing and quotes do not count)."""
-    args = ", ".join(f"{p}: {a}" for p, a in params)
-    return ast.unparse(ast.parse(f"def {name}({args}) -> {returns}:\n    ...").body[0]).split("\n")[0]
-
-
-def _documented_signatures(docs: str) -> dict[str, list[str]]:
-    """The def lines of the ```python blocks in each `## heading` section of docs/hooks.md."""
-    found: dict[str, list[str]] = {}
-    for section in re.split(r"^## ", docs, flags=re.M)[1:]:
-        heading, _, body = section.partition("\n")
-        blocks = re.findall(r"^```python\n(.*?)^```", body, flags=re.M | re.S)
-        found[heading.strip()] = [line for block in blocks for line in block.splitlines() if line.startswith("def ")]
-    return found
-
-
-def test_every_hook_is_documented_with_its_signature():
-    docs = _documented_signatures((ROOT / "docs" / "hooks.md").read_text(encoding="utf-8"))
-    specs = [name for name, obj in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(obj, "polydistill_spec")]
-    assert sorted(specs) == sorted(hookspecs.STEP_HOOKS + hookspecs.LIFECYCLE_HOOKS)
-    for name in specs:
-        spec = getattr(hookspecs, name)
-        doc = spec.__doc__ or ""
-        assert "Called" in doc and "Combining" in doc, f"hookspec {name} lacks when/combining docs"
-        assert name in docs, f"docs/hooks.md has no section for {name}"
-        assert len(docs[name]) == 1, f"docs/hooks.md's {name} section should show one signature, shows {docs[name]}"
-        # hookspecs.py has `from __future__ import annotations`: annotations are the source text
-        sig = inspect.signature(spec)
-        assert all(p.annotation is not p.empty and p.default is p.empty for p in sig.parameters.values()), name
-        real = _signature(name, [(p.name, p.annotation) for p in sig.parameters.values()], sig.return_annotation)
-        documented = ast.unparse(ast.parse(docs[name][0] + ":\n    ...").body[0]).split("\n")[0]
-        assert documented == real, f"docs/hooks.md shows\n  {documented}\nbut core/polydistill/hookspecs.py has\n  {real}"
 
 
 def test_core_never_imports_first_party_plugins():

@@ -198,11 +198,11 @@ def test_default_fusion_gives_a_word_only_teachers_that_read_it(models, tmp_path
         "output_dir": str(tmp_path / "run"),
     })
     batch = next(iter(trainer.loader.iterate(0)))
-    coarse, fine_out = trainer.run_teacher(0, batch), trainer.run_teacher(1, batch)
+    coarse, fine_out = trainer.state.run_teacher(0, batch), trainer.state.run_teacher(1, batch)
     lost = coarse.word_mask & ~fine_out.word_mask
     both = coarse.word_mask & fine_out.word_mask
     assert lost.any() and both.any()  # the case under test happens
-    fused = trainer.teacher_forward(batch)
+    fused = trainer.runner.outputs(batch)
     torch.testing.assert_close(fused.logits[lost], coarse.logits[lost])
     torch.testing.assert_close(fused.logits[both], (coarse.logits[both] + fine_out.logits[both]) / 2)
     assert torch.equal(fused.word_mask, coarse.word_mask | fine_out.word_mask)

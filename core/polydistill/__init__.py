@@ -14,7 +14,10 @@ __version__ = "0.1.0"
 #: Version of the plugin API (hooks, Batch, ModelOutputs, TrainState): a plugin made for
 #: MAJOR.MINOR runs on any MAJOR.N with N >= MINOR. 1.1: ``TrainState.forward_student``. 1.2: ``Trainable``
 #: (a plugin module's own learning rate and clipping), ``ModelOutputs.layer_mask`` and ``.sample_mask``,
-#: ``load_data`` (a plugin's own data file, read as the run's).
+#: ``load_data`` (a plugin's own data file, read as the run's); tasks as modules (``Task``, ``get_task``,
+#: ``TrainState.task_def``); ``TrainState.run_teacher`` and ``.fuse_teacher_outputs`` (the teacher runner, cache
+#: included); typed loss hints (``LossHints``, ``Batch.with_hints``, ``Batch.loss_hints``) for what 1.1 passed in
+#: ``batch.meta["temperature"]``/``["sample_weights"]`` (still read).
 API_VERSION = "1.2"
 
 from polydistill.errors import (  # noqa: E402
@@ -34,6 +37,9 @@ _LAZY = {
     "Batch": "polydistill.batch",
     "ModelOutputs": "polydistill.batch",
     "Trainable": "polydistill.batch",
+    "LossHints": "polydistill.batch",
+    "Task": "polydistill.tasks",
+    "get_task": "polydistill.tasks",
     "load_data": "polydistill.data",
     "TrainState": "polydistill.state",
     "forward": "polydistill.models",
@@ -53,12 +59,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataError",
+    "LossHints",
     "ModelOutputs",
     "PluginError",
     "PluginSettings",
     "PolydistillError",
     "PolydistillWarning",
     "RunResult",
+    "Task",
     "TrainState",
     "Trainable",
     "__version__",
@@ -66,6 +74,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "forward",
+    "get_task",
     "hookimpl",
     "load_data",
     "load_config",
@@ -84,11 +93,12 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from polydistill.api import RunResult, evaluate, train
-    from polydistill.batch import Batch, ModelOutputs, Trainable
+    from polydistill.batch import Batch, LossHints, ModelOutputs, Trainable
     from polydistill.config import Config, PluginSettings, load_config
     from polydistill.data import load_data
     from polydistill.evaluation import evaluate_model
     from polydistill.models import forward
     from polydistill.state import TrainState
+    from polydistill.tasks import Task, get_task
     from polydistill.report import write_report
     from polydistill.study import ablate, plan_study

@@ -1,4 +1,4 @@
-"""The objects hooks exchange: a training batch, a model's outputs, a trainable plugin module."""
+"""The objects hooks exchange: a training batch and its loss hints, a model's outputs, a trainable plugin module."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from polydistill.errors import PluginError
 
 Encoding = dict[str, torch.Tensor]
 
@@ -21,6 +23,64 @@ def _to(value: Any, device: Any, non_blocking: bool) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class LossHints:
+    """Per-sample hints the loss terms follow, set by plugins before the terms run (API 1.2).
+
+    Set through :meth:`Batch.with_hints`, read through :meth:`Batch.loss_hints`.
+    Combining: one temperature (a second plugin setting it is an error);
+    sample weights multiply. Each value is a number, a ``(B,)`` tensor (it may
+    carry gradients, e.g. a learned temperature) or a callable
+    ``f(student_out, teacher_out)`` returning one (values that depend on the
+    step's outputs).
+    """
+
+    #: The KD temperature (None: the loss plugin's own) and the plugin that set it.
+    temperature: Any = None
+    temperature_by: str | None = None
+    #: Factors of each sample's weight, and the plugin that set each.
+    weights: tuple[Any, ...] = ()
+    weights_by: tuple[str, ...] = ()
+
+    def add(self, by: str, temperature: Any = None, sample_weights: Any = None) -> LossHints:
+        """These hints with ``by``'s temperature and/or weight factor added."""
+        hints = self
+        if temperature is not None:
+            if self.temperature is not None:
+                raise PluginError(f"the KD temperature is set twice: by '{self.temperature_by}' and by '{by}'; only one "
+                                  "plugin may choose it (disable one, or leave its temperature out)", plugin=by)
+            hints = dataclasses.replace(hints, temperature=temperature, temperature_by=by)
+        if sample_weights is not None:
+            hints = dataclasses.replace(hints, weights=(*hints.weights, sample_weights), weights_by=(*hints.weights_by, by))
+        return hints
+
+    def resolve_temperature(self, student_out: Any, teacher_out: Any, default: Any) -> Any:
+        """The temperature (computed when callable), or ``default`` when no plugin set one."""
+        value = self.temperature
+        if value is None:
+            return default
+        return value(student_out, teacher_out) if callable(value) else value
+
+    def resolve_weights(self, student_out: Any, teacher_out: Any, size: int) -> torch.Tensor | None:
+        """The product of the weight factors as a ``(size,)`` tensor, each checked (None: no factor)."""
+        total = None
+        for value, by in zip(self.weights, self.weights_by):
+            if callable(value):
+                value = value(student_out, teacher_out)
+            w = torch.as_tensor(value)
+            if not w.is_floating_point():
+                w = w.float()
+            if w.dim() == 0:
+                w = w.expand(size)
+            if tuple(w.shape) != (size,):
+                raise PluginError(f"sample weights set by '{by}' must hold one weight per sample, shape ({size},); got "
+                                  f"shape {tuple(w.shape)}", plugin=by)
+            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise PluginError(f"sample weights set by '{by}' must be finite and >= 0; got {w.detach().cpu().tolist()}", plugin=by)
+            total = w if total is None else total * w.to(total.device)
+        return total
+
+
 @dataclass
 class Batch:
     """One batch of examples, encoded for the student and for each teacher.
@@ -32,7 +92,8 @@ class Batch:
     text. ``labels`` are class ids ``(B,)``, word-level tag ids ``(B, W)``
     padded with -100, or None. ``student_words`` / ``teacher_words[i]`` map
     each word to its first sub-word position ``(B, W)``, -1 for padding (token
-    tasks only). ``meta`` is free space for plugins.
+    tasks only). ``hints``: the per-sample :class:`LossHints` plugins set for the
+    loss terms (:meth:`with_hints`). ``meta`` is free space for plugins.
     """
 
     texts: list[Any]
@@ -45,6 +106,7 @@ class Batch:
     teacher_words: list[torch.Tensor | None] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     encoder: Callable[..., Batch] | None = field(default=None, repr=False, compare=False)
+    hints: LossHints = field(default_factory=LossHints)
 
     def __post_init__(self) -> None:
         if not self.teacher_words:
@@ -62,7 +124,7 @@ class Batch:
         moved = {
             f.name: _to(getattr(self, f.name), device, non_blocking)
             for f in dataclasses.fields(self)
-            if f.name not in ("encoder", "texts", "teacher_texts", "langs", "meta")
+            if f.name not in ("encoder", "texts", "teacher_texts", "langs", "meta", "hints")
         }
         shared = [t is self.student_inputs for t in self.teacher_inputs]
         moved["teacher_inputs"] = [
@@ -98,7 +160,23 @@ class Batch:
                 if len(old) != len(new):
                     raise ValueError(f"replace_texts: row {i} has {len(new)} words instead of {len(old)}; token labels would no longer align")
         batch = self.encoder(new_texts, new_teacher, self.langs, self.labels, {**self.meta, **meta})
+        batch.hints = self.hints
         return batch.to(self.device)
+
+    def with_hints(self, by: str, temperature: Any = None, sample_weights: Any = None) -> Batch:
+        """This batch with plugin ``by``'s loss hints added (see :class:`LossHints`): a temperature
+        (one plugin may set it) and/or a factor of the sample weights (factors multiply). Since API 1.2."""
+        if temperature is not None:
+            self.loss_hints().add(by, temperature)  # refuses a second temperature, an API 1.1 plugin's included
+        return dataclasses.replace(self, hints=self.hints.add(by, temperature, sample_weights))
+
+    def loss_hints(self) -> LossHints:
+        """The hints loss terms follow: :attr:`hints`, and what an API 1.1 plugin put in
+        ``meta["temperature"]`` / ``meta["sample_weights"]`` (read as if set through :meth:`with_hints`)."""
+        hints = self.hints
+        if self.meta.get("temperature") is not None or self.meta.get("sample_weights") is not None:
+            hints = hints.add("batch.meta", self.meta.get("temperature"), self.meta.get("sample_weights"))
+        return hints
 
 
 @dataclass

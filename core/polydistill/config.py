@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from polydistill.errors import ConfigError
 
-Task = Literal["sequence_classification", "token_classification", "embedding"]
-
 #: Fields that change where a run writes and what it shows, never what it computes: a
 #: study's fingerprint leaves them out (changing the list changes every fingerprint).
 RUNTIME_FIELDS = (
@@ -238,7 +236,7 @@ class CacheConfig(StrictModel):
 class Config(StrictModel):
     """A polydistill run."""
 
-    task: Task = Field(description='What the models do. Sequence classification: one label per text. Token classification: one tag per word (texts are lists of words). Embedding: pooled sentence embeddings (the model is loaded with `AutoModel`).')
+    task: str = Field(description='What the models do: an installed task (entry-point group `polydistill.tasks`). Built in: `sequence_classification` (one label per text), `token_classification` (one tag per word; texts are lists of words), `embedding` (pooled sentence embeddings; the model is loaded with `AutoModel`).')
     mode: Literal["same", "parallel"] = Field(
         "same", description='`same`: teacher and student read the same text. `parallel`: the teacher reads `columns.source`, the student `columns.text`.'
     )
@@ -263,6 +261,17 @@ class Config(StrictModel):
 
     _teachers_list = field_validator("teachers", mode="before")(classmethod(lambda cls, v: _as_list(v)))
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from polydistill.tasks import get_task
+
+        try:
+            get_task(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("task: ").replace(f"unknown task {v!r}", "unknown task")) from None
+        return v
+
     @field_validator("labels")
     @classmethod
     def _unique_labels(cls, v: list[str] | None) -> list[str] | None:
@@ -279,11 +288,11 @@ class Config(StrictModel):
                 "data.train is empty: give a training source, or training.max_steps for a run whose batches "
                 "a plugin generates (data-free distillation)"
             )
-        if self.mode == "parallel" and self.task == "token_classification":
-            raise ValueError(
-                "mode 'parallel' does not work for token_classification: word i of a sentence is not word i of its "
-                "translation. Distil tags on target-language text in mode 'same' (teacher-student learning)"
-            )
+        from polydistill.tasks import get_task
+
+        refusal = get_task(self.task).parallel_refusal
+        if self.mode == "parallel" and refusal:
+            raise ValueError(f"mode 'parallel' does not work for {self.task}: {refusal}")
         if self.mode == "parallel":
             missing = [i for i, s in enumerate(self.data.train) if s.columns.source is None]
             if missing:

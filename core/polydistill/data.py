@@ -16,6 +16,7 @@ from polydistill.batch import Batch
 from polydistill.config import Config, DataSource
 from polydistill.errors import ConfigError, DataError
 from polydistill.preflight import DATA_SUFFIXES, FORMATS, looks_local
+from polydistill.tasks import Task, get_task
 
 #: Attribute of a streamed dataset: its local files, scanned for the bad line when a read fails.
 STREAMED_FILES = "_polydistill_files"
@@ -180,7 +181,7 @@ def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:
     """The mapped columns of an in-memory dataset hold what the task reads: text (or, for token
     tasks, lists of words) and language tags as strings, no nulls, as many tags as words."""
     cols = source.columns
-    words = task == "token_classification"
+    words = get_task(task).word_level
     roles = {"text": cols.text, "source": cols.source, "lang": cols.lang}
     for role, column in roles.items():
         if column is None or role not in ds.column_names:
@@ -205,18 +206,19 @@ def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:
 def check_labels(ds: Any, labels: list[str], task: str, where: str, column: str) -> None:
     """Every label of an in-memory dataset is a name in ``labels`` or an id below ``len(labels)``."""
     known = set(labels)
+    row_labels = get_task(task).row_labels
 
     def ok(v: Any) -> bool:
         return v in known if isinstance(v, str) else isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < len(labels)
 
     try:
-        values = ds.unique("label") if task == "sequence_classification" else {t for row in ds["label"] for t in (row or [])}
-    except Exception:  # a column of mixed types (names and ids) has no Arrow kernel for unique
-        values = [v for row in ds["label"] for v in ([row] if task == "sequence_classification" else (row or []))]
+        values = {v for row in ds["label"] for v in row_labels(row)}
+    except TypeError:  # a column of mixed types (names and ids) cannot be a set's
+        values = [v for row in ds["label"] for v in row_labels(row)]
     if all(ok(v) for v in values):
         return
     for n, row in enumerate(ds["label"]):
-        bad = [v for v in ([row] if task == "sequence_classification" else (row or [])) if not ok(v)]
+        bad = [v for v in row_labels(row) if not ok(v)]
         if bad:
             raise DataError(f"data {where}: row {n + 1}: label {bad[0]!r} (column '{column}') is not one of the labels "
                             f"{labels} (nor an id 0..{len(labels) - 1})")
@@ -279,7 +281,7 @@ def load_sources(sources: list[DataSource], config: Config, labels: list[str] | 
     import datasets
 
     loaded = [load_source(s, config) for s in sources]
-    if labels and config.task != "embedding":
+    if labels and get_task(config.task).class_logits:
         for s, ds in zip(sources, loaded):
             if s.columns.label is not None and not s.streaming:
                 check_labels(ds, labels, config.task, _describe(s), s.columns.label)
@@ -317,7 +319,7 @@ class Collator:
 
     def __init__(
         self,
-        task: str,
+        task: str | Task,
         student_tokenizer: Any,
         teacher_tokenizers: list[Any],
         max_length: int,
@@ -325,7 +327,7 @@ class Collator:
         labels: list[str] | None = None,
         parallel: bool = False,
     ):
-        self.task = task
+        self.task = get_task(task)
         self.student_tokenizer = student_tokenizer
         # None: the teacher shares the student's tokenizer, so it can share the encoding.
         self.teacher_tokenizers = [None if same_tokenizer(t, student_tokenizer) else t for t in teacher_tokenizers]
@@ -334,7 +336,7 @@ class Collator:
         self.labels = labels
         self.label2id = {name: i for i, name in enumerate(labels or [])}
         self.parallel = parallel
-        self.words = task == "token_classification"
+        self.words = self.task.word_level
 
     def __call__(self, rows: dict[str, list[Any]]) -> Batch:
         texts = rows["text"]
@@ -344,17 +346,9 @@ class Collator:
         return self.encode(texts, teacher_texts, rows["lang"], labels, meta)
 
     def encode_labels(self, raw: list[Any] | None, texts: list[Any]) -> torch.Tensor | None:
-        if raw is None or self.task == "embedding":
+        if raw is None:
             return None
-        if self.task == "sequence_classification":
-            return torch.tensor([self._label_id(v) for v in raw], dtype=torch.long)
-        width = max((len(t) for t in texts), default=0)
-        out = torch.full((len(raw), width), -100, dtype=torch.long)
-        for i, (tags, words) in enumerate(zip(raw, texts)):
-            if len(tags) != len(words):
-                raise DataError(f"row with {len(words)} words has {len(tags)} labels: {' '.join(map(str, words))[:80]}")
-            out[i, : len(tags)] = torch.tensor([self._label_id(t) for t in tags], dtype=torch.long)
-        return out
+        return self.task.encode_labels(raw, texts, self._label_id)
 
     def _label_id(self, value: Any) -> int:
         if isinstance(value, str) and value in self.label2id:

@@ -185,8 +185,9 @@ def teacher_outputs(
     Called once per step, after ``select_teachers`` (``weights`` is its
     result or the core default), under ``torch.no_grad`` unless the plugin
     enables grad itself. Return a :class:`polydistill.ModelOutputs`. The
-    same ``batch`` object goes on to ``loss_terms``, so entries this hook (or
-    ``select_teachers``) puts in ``batch.meta`` reach the loss terms.
+    same ``batch`` object goes on to ``loss_terms``, so loss hints this hook
+    (or ``select_teachers``) adds (``batch.hints = batch.hints.add(...)``)
+    reach the loss terms.
 
     Combining: at most one plugin may return a value (two answers are an
     error naming both plugins). Core default when all return None: each

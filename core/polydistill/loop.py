@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import signal
 import sys
 import time
@@ -25,17 +24,17 @@ from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
 from polydistill import checkpoint as ckpt
-from polydistill import models as M
+from polydistill import build
 from polydistill import preflight
 from polydistill import vocabulary as V
-from polydistill.batch import Batch, ModelOutputs, Trainable
-from polydistill.cache import TeacherCache, fingerprint, read_settings, stack_padded
+from polydistill.batch import Batch
 from polydistill.config import RESUMABLE_FIELDS, Config, changed_fields, flat_fields, load_config, without_fields
 from polydistill.data import Collator, load_sources, make_loader
 from polydistill.errors import CheckpointError, ConfigError, DataError, PluginError, warn
 from polydistill.evaluation import evaluate_model
 from polydistill.plugins import PluginHost
 from polydistill.state import TrainState
+from polydistill.teachers import TeacherRunner
 
 
 class Trainer:
@@ -49,7 +48,7 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         set_seed(tc.seed)
         self.output_dir = Path(output_dir or config.output_dir)
-        _fresh_accelerate_state()
+        build.fresh_accelerate_state()
         # Gradient accumulation is done by the loop, so that an epoch's last, smaller
         # group still ends in an optimizer step and resumes stay step-aligned.
         self.accelerator = Accelerator(
@@ -59,27 +58,7 @@ class Trainer:
         )
         self.host = PluginHost.from_config(config.plugins, plugins)
 
-        # Models: teachers first (a student may be cut from one), labels, then the student.
-        teachers, teacher_toks = [], []
-        for i, t in enumerate(config.teachers):
-            role = f"teachers[{i}]"
-            teachers.append(M.load_model(config.resolve_path(t.model), config.task, None, t.revision, role, require_head=True).eval())
-            teacher_toks.append(M.load_tokenizer(config.resolve_path(t.tokenizer or t.model), role, None if t.tokenizer else t.revision))
-        labels = config.labels or (M.model_labels(teachers[0]) if teachers and config.task != "embedding" else None)
-        student, student_tok = self._build_student(teachers, teacher_toks, labels)
-        if config.task != "embedding" and not labels:
-            labels = M.model_labels(student, named_only=True)
-            if not labels:
-                raise ConfigError("labels: give the label names (neither a teacher nor the student model names them)")
-        for name, t in zip(config.teacher_names(), teachers):
-            if config.task != "embedding":
-                own = M.model_labels(t, named_only=True)
-                if t.config.num_labels != len(labels or []) or (own and own != labels):
-                    raise ConfigError(
-                        f"labels: {labels} do not match teacher '{name}' ({own or t.config.num_labels}); "
-                        "labels are matched by position, so give them in the teacher's order (or leave `labels` out)"
-                    )
-            t.requires_grad_(False)
+        teachers, teacher_toks, student, student_tok, labels = build.models(config)
 
         # Data, then the student's own vocabulary (learned from the training text), then batching.
         dc = config.data
@@ -104,33 +83,24 @@ class Trainer:
             student_tokenizer=student_tok, teacher_tokenizers=teacher_toks, labels=labels, plugins=self.host,
             output_dir=self.output_dir, same_tokens=same,
         )
-        state.total_steps = self._total_steps()
+        state.total_steps = build.total_steps(config.training, self.loader)
         warmup = tc.warmup_steps or int(tc.warmup_ratio * state.total_steps)
         if warmup >= state.total_steps:
             warn(f"training.warmup_steps: the warm-up ({warmup} steps) is as long as the run ({state.total_steps} steps), "
                  "so it never trains at training.learning_rate")
 
         # Plugin modules join the student's optimizer; then everything is placed.
-        own: dict[str, Trainable] = {}  # modules with their own optimizer settings
-        for plugin, mods in self.host.run("trainable_modules", state=state).items():
-            for name, module in mods.items():
-                key = f"{plugin}.{name}"
-                if isinstance(module, Trainable):
-                    own[key.replace(".", "__")], module = module, module.module
-                if not isinstance(module, nn.Module):
-                    raise PluginError(f"trainable_modules returned {type(module).__name__} for '{name}'; expected a torch "
-                                      "nn.Module or polydistill.Trainable", plugin=plugin, hook="trainable_modules")
-                state.modules[key] = module
+        state.modules, own = build.plugin_modules(self.host, state)
         # Plugin modules are called outside the student's forward, so DDP must not wrap
         # them: they are placed, their gradients averaged in step(), their weights
         # checkpointed by the core. Teachers are placed, not prepared, so checkpoints
         # do not carry frozen copies of them.
         self.plugin_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in state.modules.items()}).to(acc.device)
-        state.optimizer = self._optimizer(student, self.plugin_modules, own)
+        state.optimizer = build.optimizer(tc, student, self.plugin_modules, own)
         state.student, state.optimizer = acc.prepare(student, state.optimizer)
         state.teachers = [t.to(acc.device) for t in teachers]
-        state.scheduler = self._scheduler(state.optimizer)
-        self.caches = self._caches()
+        state.scheduler = build.scheduler(tc, state.optimizer, state.total_steps)
+        state.teacher_runner = self.runner = TeacherRunner.for_state(state)
         self._evaluated_at = self._checkpointed_at = -1
         self._group_skipped = False  # a micro-batch of this accumulation group had a non-finite loss
         self.host.run("setup", state=state)
@@ -139,196 +109,7 @@ class Trainer:
                 if model.config._attn_implementation != "eager":
                     model.set_attn_implementation("eager")
 
-    # ------------------------------------------------------------------ building
-
-    def _build_student(self, teachers: list[nn.Module], teacher_toks: list[Any], labels: list[str] | None) -> tuple[nn.Module, Any]:
-        sc, config = self.config.student, self.config
-        if sc.from_teacher is not None:
-            ref = sc.from_teacher.teacher
-            idx = ref if isinstance(ref, int) else config.teacher_names().index(ref)
-            student = M.student_from_teacher(teachers[idx], sc.from_teacher.layers, config.task, labels)
-        elif sc.config is not None:
-            base = config.resolve_path(sc.config["base"])
-            overrides = {k: v for k, v in sc.config.items() if k != "base"}
-            student = M.student_from_config(base, overrides, config.task, labels)
-        else:
-            student = M.load_model(config.resolve_path(sc.model), config.task, labels, role="student.model")
-        if sc.from_teacher is not None and not sc.tokenizer:
-            tok = teacher_toks[idx]
-        else:
-            path, revision, role = M.student_tokenizer_source(config)
-            tok = M.load_tokenizer(path, role, revision)
-        return student.train(), tok
-
-    def _total_steps(self) -> int:
-        tc = self.config.training
-        if tc.max_steps:
-            return tc.max_steps
-        try:
-            per_epoch = len(self.loader)
-        except TypeError:
-            raise ConfigError("training.max_steps: required when the training data is streamed") from None
-        return math.ceil(per_epoch / tc.gradient_accumulation_steps) * tc.epochs
-
-    def _optimizer(self, student: nn.Module, extra: nn.ModuleDict, own: dict[str, Trainable]) -> torch.optim.Optimizer:
-        """AdamW/Adam/SGD over the student and plugin modules; a ``Trainable`` gets groups of its own."""
-        tc = self.config.training
-
-        def split(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-            decay, no_decay = [], []
-            for name, p in named:
-                if p.requires_grad:
-                    (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-            return decay, no_decay
-
-        shared = [(n, p) for n, p in extra.named_parameters() if n.split(".", 1)[0] not in own]
-        decay, no_decay = split([*student.named_parameters(), *shared])
-        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        for key, t in own.items():
-            # "max_grad_norm" in a group marks it as clipped on its own (see _update)
-            mine = {"lr": t.learning_rate or tc.learning_rate, "max_grad_norm": t.max_grad_norm, "module": key}
-            d, nd = split(extra[key].named_parameters())
-            groups += [{"params": d, "weight_decay": tc.weight_decay if t.weight_decay is None else t.weight_decay, **mine},
-                       {"params": nd, "weight_decay": 0.0, **mine}]
-        groups = groups[:2] + [g for g in groups[2:] if g["params"]]
-        if tc.optimizer == "sgd":
-            cls, kwargs = torch.optim.SGD, {"lr": tc.learning_rate, "momentum": 0.9}
-        else:
-            cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-            kwargs = {"lr": tc.learning_rate, "betas": tc.betas}
-        if tc.fused_optimizer is False:
-            return cls(groups, **kwargs)
-        try:
-            # The default per-tensor loop costs a quarter of a small student's CPU step.
-            return cls(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            if tc.fused_optimizer:
-                raise ConfigError(f"training.fused_optimizer: torch has no fused {tc.optimizer} here ({exc})") from None
-            return cls(groups, **kwargs)
-
-    def _scheduler(self, optimizer: Any) -> Any:
-        from transformers import get_scheduler
-
-        tc = self.config.training
-        warmup = tc.warmup_steps or int(tc.warmup_ratio * self.state.total_steps)
-        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[tc.scheduler]
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=self.state.total_steps)
-
-    def _caches(self) -> list[TeacherCache | None]:
-        cc = self.config.cache
-        if not cc.enabled:
-            return [None] * len(self.state.teachers)
-        directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
-        return [
-            TeacherCache(directory, fingerprint(self.accelerator.unwrap_model(t)), read_settings(self.config, tok), cc.dtype)
-            for t, tok in zip(self.state.teachers, self.state.teacher_tokenizers)
-        ]
-
     # ------------------------------------------------------------------ one step
-
-    def teacher_forward(self, batch: Batch) -> ModelOutputs | None:
-        """select_teachers -> teacher_outputs, with the core defaults when no plugin answers."""
-        state = self.state
-        if not state.teachers:
-            return None
-        weights = self.host.run("select_teachers", batch=batch, teachers=state.teachers, state=state)
-        if weights is None:
-            weights = torch.full((len(state.teachers),), 1.0 / len(state.teachers), device=state.device)
-        with torch.no_grad():
-            fused = self.host.run("teacher_outputs", batch=batch, teachers=state.teachers, weights=weights, state=state)
-            return fused if fused is not None else self.default_teacher_outputs(batch, weights)
-
-    def run_teacher(self, i: int, batch: Batch) -> ModelOutputs:
-        """Teacher ``i``'s outputs for ``batch``; with the cache on, only texts it lacks are run."""
-        state, cache = self.state, self.caches[i]
-        # Entries are keyed by text: inputs a plugin built without token ids (generated
-        # embeddings) have no text that identifies them, so they bypass the cache; the
-        # cache holds final outputs only, not per-layer ones.
-        if cache is None or "input_ids" not in batch.teacher_inputs[i] or state.need_hidden_states or state.need_attentions:
-            return self._teacher_forward(i, batch.teacher_inputs[i], batch.teacher_words[i])
-        texts = batch.teacher_texts
-        found = cache.lookup(texts)
-        mask = None if batch.teacher_words[i] is None else batch.teacher_words[i] >= 0
-        if mask is not None:  # an entry must hold one row per word the teacher reads
-            counts = mask.sum(1).tolist()
-            for j, a in enumerate(found):
-                if a is not None and len(a) != counts[j]:
-                    warn(f"teacher cache {cache.path}: an entry holds {len(a)} words where the teacher reads {counts[j]}; recomputed")
-                    found[j] = None
-        keys = [t if isinstance(t, str) else tuple(t) for t in texts]  # word lists (token tasks) as tuples
-        # A text repeated in the batch (both sides of a parallel pair read the same
-        # source) is run once.
-        todo = list(dict.fromkeys(k for k, a in zip(keys, found) if a is None))
-        if todo:
-            first: dict[Any, int] = {}
-            for j, k in enumerate(keys):
-                first.setdefault(k, j)
-            rows = torch.tensor([first[k] for k in todo], device=state.device)
-            inputs = {k: v.index_select(0, rows) for k, v in batch.teacher_inputs[i].items()}
-            words = batch.teacher_words[i]
-            words = None if words is None else words.index_select(0, rows)
-            if "attention_mask" in inputs:
-                inputs, words = _trim_padding(inputs, words)
-            out = self._teacher_forward(i, inputs, words)
-            value = (out.embeddings if out.embeddings is not None else out.logits).float().cpu().numpy()
-            if out.word_mask is not None:  # only the words that survive max_length, in order
-                keep = out.word_mask.cpu().numpy()
-                new = [v[m] for v, m in zip(value, keep)]
-            else:
-                new = list(value)
-            cache.put_many([texts[first[t]] for t in todo], new)
-            computed = dict(zip(todo, new))
-            found = [a if a is not None else computed[k] for k, a in zip(keys, found)]
-        if self.config.task == "embedding":
-            return ModelOutputs(embeddings=stack_padded(found, state.device))
-        if mask is None:
-            return ModelOutputs(logits=stack_padded(found, state.device))
-        # Word-level rows hold their surviving words only; put each back at its word's
-        # place, as wide as the batch's word mask (its longest sentence, cut or not).
-        logits = torch.zeros(*mask.shape, found[0].shape[-1], device=state.device)
-        for row, values in enumerate(found):
-            logits[row, mask[row]] = torch.tensor(values, dtype=torch.float32, device=state.device)
-        return ModelOutputs(logits=logits, word_mask=mask)
-
-    def _teacher_forward(self, i: int, inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> ModelOutputs:
-        state = self.state
-        with self.accelerator.autocast():
-            return M.forward(
-                state.teachers[i], inputs, self.config.task, words,
-                self.config.pooling, state.need_hidden_states, state.need_attentions,
-            )
-
-    def default_teacher_outputs(self, batch: Batch, weights: torch.Tensor) -> ModelOutputs:
-        """Average the logits/embeddings of teachers with non-zero weight; per-layer outputs of teacher 0."""
-        state = self.state
-        active = [i for i in range(len(state.teachers)) if bool((weights[..., i] != 0).any())]
-        if not active:
-            raise PluginError("select_teachers gave every teacher weight 0 for a batch", hook="select_teachers")
-        outs = {i: self.run_teacher(i, batch) for i in active}
-        if (state.need_hidden_states or state.need_attentions) and 0 not in outs:
-            outs[0] = self.run_teacher(0, batch)
-        fused = ModelOutputs(mask=outs[0].mask if 0 in outs else None, extra={"teachers": active})
-        if 0 in outs:
-            fused.hidden_states, fused.attentions = outs[0].hidden_states, outs[0].attentions
-            w0 = weights[..., 0]
-            if w0.dim():  # per-layer outputs are teacher 0's: samples routed away from it must not learn them
-                fused.layer_mask = (w0 != 0).reshape(len(batch), -1).any(-1)
-        field_name = "embeddings" if self.config.task == "embedding" else "logits"
-        values = {i: getattr(outs[i], field_name) for i in active}
-        shape = (len(batch), *[1] * (values[active[0]].dim() - 1))
-        scale = {i: (weights[..., i].view(shape) if weights[..., i].dim() else weights[..., i]) for i in active}
-        if outs[active[0]].word_mask is None:
-            setattr(fused, field_name, sum(scale[i] * values[i] for i in active))
-            return fused
-        # Token tasks: a teacher that lost a word to max_length (its tokenizer splits finer)
-        # has no logits there; its weight goes to the teachers that have the word.
-        width = min(outs[i].word_mask.size(1) for i in active)
-        has = {i: outs[i].word_mask[:, :width].unsqueeze(-1).to(values[i].dtype) for i in active}
-        present = sum(scale[i] * has[i] for i in active)
-        total = sum(scale[i] for i in active) * torch.ones_like(present)
-        fused.logits = sum(scale[i] * has[i] * values[i][:, :width] for i in active) * (total / present.clamp(min=1e-12))
-        fused.word_mask = present.squeeze(-1) > 0
-        return fused
 
     def step(self, batch: Batch, group_size: int = 1, sync: bool = True) -> dict[str, float]:
         """One micro-step through every hook point; the optimizer steps when ``sync``.
@@ -340,7 +121,7 @@ class Trainer:
         batch = host.run("augment_batch", batch=batch, state=state)
         if not batch.student_inputs:
             raise PluginError("data.train is empty and no plugin generated this batch in augment_batch (e.g. gan_data)", hook="augment_batch")
-        teacher_out = self.teacher_forward(batch)
+        teacher_out = self.runner.outputs(batch)
         student_out = state.forward_student(batch)
         terms = host.run("loss_terms", batch=batch, student_out=student_out, teacher_out=teacher_out, state=state)
         if not terms:
@@ -737,37 +518,12 @@ class NonFiniteLoss(Exception):
         self.plugin = plugin
 
 
-def _trim_padding(inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Drop the columns that are padding in every row (left or right), shifting word positions alike."""
-    used = inputs["attention_mask"].bool().any(0).nonzero().flatten()
-    if not len(used):
-        return inputs, words
-    lo, hi = int(used[0]), int(used[-1]) + 1
-    inputs = {k: v[:, lo:hi] if v.dim() == 2 else v for k, v in inputs.items()}
-    if words is not None and lo:
-        words = torch.where(words >= 0, words - lo, words)
-    return inputs, words
-
-
 def _scalar(value: torch.Tensor) -> str:
     v = value.detach().float()
     if v.numel() == 1:
         return f"{v.item():.4g}"
     bad = int((~torch.isfinite(v)).sum())
     return f"{bad} of {v.numel()} values non-finite" if bad else f"mean {v.mean().item():.4g}"
-
-
-def _fresh_accelerate_state() -> None:
-    """Let each run in a process choose its own precision and accumulation.
-
-    accelerate keeps them in process-wide singletons that refuse a second,
-    different setting; sweeps and notebooks run several configs in one process.
-    The distributed (partial) state is kept: it belongs to the launch.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
 
 
 def _groups(items: Iterable[Any], first: int, size: int) -> Iterable[list[Any]]:

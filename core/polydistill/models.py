@@ -12,33 +12,11 @@ from torch import nn
 
 from polydistill.batch import ModelOutputs
 from polydistill.errors import ConfigError
-
-_AUTO = {
-    "sequence_classification": "AutoModelForSequenceClassification",
-    "token_classification": "AutoModelForTokenClassification",
-    "embedding": "AutoModel",
-}
-
-
-def _auto(task: str) -> Any:
-    import transformers
-
-    return getattr(transformers, _AUTO[task])
-
-
-def _label_kwargs(task: str, labels: list[str] | None) -> dict[str, Any]:
-    if task == "embedding" or not labels:
-        return {}
-    return {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {name: i for i, name in enumerate(labels)},
-    }
-
+from polydistill.tasks import Task, get_task
 
 def load_model(
     name_or_path: str,
-    task: str,
+    task: str | Task,
     labels: list[str] | None = None,
     revision: str | None = None,
     role: str = "model",
@@ -51,7 +29,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars would bury the run's own output
-    kwargs: dict[str, Any] = _label_kwargs(task, labels)
+    task = get_task(task)
+    kwargs: dict[str, Any] = task.label_config(labels)
     if revision:
         kwargs["revision"] = revision
     from polydistill.preflight import looks_local
@@ -60,7 +39,7 @@ def load_model(
         raise ConfigError(f"{role}: no such model directory: {name_or_path}")  # a path, never a hub id
     _check_head(name_or_path, task, labels, revision, role, require_head)
     try:
-        model, info = _auto(task).from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        model, info = task.model_class().from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         hint = "" if Path(name_or_path).exists() else " (not a local directory; as a hub id it needs network access or the local HF cache)"
         raise ConfigError(f"{role}: cannot load '{name_or_path}'{hint}: {_first_line(exc)}") from None
@@ -72,37 +51,37 @@ def load_model(
             names = [own.id2label[i] for i in sorted(own.id2label)]
             raise ConfigError(
                 f"{role}: '{name_or_path}' has a head for {own.num_labels} labels {names}, but this run has {len(labels)} "
-                f"{labels}; use a model with the run's labels, one without a {task} head, or student.from_teacher"
+                f"{labels}; use a model with the run's labels, one without a {task.name} head, or student.from_teacher"
             ) from None
         raise
-    if require_head and task != "embedding":
+    if require_head and task.head:
         missing = sorted(k for k in info.get("missing_keys", ()) if "pooler" not in k)
         if missing:
             raise ConfigError(
-                f"{role}: '{name_or_path}' has no trained {task} head (not in the checkpoint: {', '.join(missing[:4])}); "
+                f"{role}: '{name_or_path}' has no trained {task.name} head (not in the checkpoint: {', '.join(missing[:4])}); "
                 "a teacher with a random head teaches noise. Fine-tune it first: a config with no teachers does that."
             )
     return model
 
 
-_HEADS = {"sequence_classification": "ForSequenceClassification", "token_classification": "ForTokenClassification"}
-
-
-def _check_head(name_or_path: str, task: str, labels: list[str] | None, revision: str | None, role: str, require_head: bool) -> None:
+def _check_head(name_or_path: str, task: Task, labels: list[str] | None, revision: str | None, role: str, require_head: bool) -> None:
     """Refuse a checkpoint whose head is for another task, or names other labels than the run's in the same slots."""
-    if task == "embedding":
+    if not task.head:
         return
     from transformers import AutoConfig
+
+    from polydistill.tasks import task_names
 
     try:
         own = AutoConfig.from_pretrained(name_or_path, **({"revision": revision} if revision else {}))
     except (OSError, ValueError):
         return  # loading the model says what is wrong
     archs = list(getattr(own, "architectures", None) or [])
-    other = [a for a in archs if any(a.endswith(suffix) for t, suffix in _HEADS.items() if t != task)]
-    if require_head and other and not any(a.endswith(_HEADS[task]) for a in archs):
-        raise ConfigError(f"{role}: '{name_or_path}' is a {other[0]} checkpoint, its head is not for {task}; "
-                          f"give a model trained for {task}")
+    heads = [h for h in (get_task(n).head for n in task_names()) if h and h != task.head]
+    other = [a for a in archs if any(a.endswith(h) for h in heads)]
+    if require_head and other and not any(a.endswith(task.head) for a in archs):
+        raise ConfigError(f"{role}: '{name_or_path}' is a {other[0]} checkpoint, its head is not for {task.name}; "
+                          f"give a model trained for {task.name}")
     id2label = getattr(own, "id2label", None) or {}
     names = [id2label[i] for i in sorted(id2label)]
     named = bool(names) and names != [f"LABEL_{i}" for i in range(len(names))]
@@ -165,7 +144,7 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"cannot find the {n} transformer layers of {type(model).__name__} to copy from")
 
 
-def student_from_teacher(teacher: nn.Module, layers: list[int], task: str, labels: list[str] | None) -> nn.Module:
+def student_from_teacher(teacher: nn.Module, layers: list[int], task: str | Task, labels: list[str] | None) -> nn.Module:
     """A student with the teacher's architecture keeping only ``layers`` (DistilBERT-style init).
 
     Embeddings, pooler and head are copied; block ``i`` of the student is
@@ -175,12 +154,12 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], task: str, label
     bad = [i for i in layers if not 0 <= i < n]
     if bad:
         raise ConfigError(f"student.from_teacher.layers: {bad} out of range, the teacher has {n} layers (0..{n - 1})")
+    task = get_task(task)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
-    if task != "embedding" and labels:
-        for key, value in _label_kwargs(task, labels).items():
-            setattr(config, key, value)
-    student = _auto(task).from_config(config)
+    for key, value in task.label_config(labels).items():
+        setattr(config, key, value)
+    student = task.model_class().from_config(config)
     source = teacher.state_dict()
     target = student.state_dict()
     teacher_blocks = _layer_list(teacher)
@@ -195,7 +174,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], task: str, label
     return student
 
 
-def student_from_config(base: str, overrides: dict[str, Any], task: str, labels: list[str] | None) -> nn.Module:
+def student_from_config(base: str, overrides: dict[str, Any], task: str | Task, labels: list[str] | None) -> nn.Module:
     """A randomly initialised model: ``base``'s config with ``overrides``."""
     from transformers import AutoConfig
 
@@ -209,60 +188,37 @@ def student_from_config(base: str, overrides: dict[str, Any], task: str, labels:
             close = difflib.get_close_matches(key, sorted(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"student.config.{key}: not a field of {type(config).__name__}{hint}")
-    for key, value in {**overrides, **_label_kwargs(task, labels)}.items():
+    task = get_task(task)
+    for key, value in {**overrides, **task.label_config(labels)}.items():
         setattr(config, key, value)
-    return _auto(task).from_config(config)
+    return task.model_class().from_config(config)
 
 
 def hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def gather_words(values: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick each word's first sub-word: ``(B, T, C)`` and ``(B, W)`` positions -> ``(B, W, C)``, mask."""
-    mask = words >= 0
-    index = words.clamp(min=0).unsqueeze(-1).expand(-1, -1, values.size(-1))
-    return values.gather(1, index), mask
-
-
 def forward(
     model: nn.Module,
     inputs: dict[str, torch.Tensor],
-    task: str,
+    task: str | Task,
     words: torch.Tensor | None = None,
     pooling: str = "mean",
     hidden_states: bool = False,
     attentions: bool = False,
 ) -> ModelOutputs:
-    """Run ``model`` and return :class:`ModelOutputs` for ``task``."""
+    """Run ``model`` and return :class:`ModelOutputs` for ``task`` (a name or a :class:`~polydistill.tasks.Task`)."""
+    task = get_task(task)
     out = model(
         **inputs,
-        output_hidden_states=hidden_states or task == "embedding",
+        output_hidden_states=hidden_states or task.needs_hidden_states,
         output_attentions=attentions,
         return_dict=True,
     )
-    mask = inputs.get("attention_mask")
     result = ModelOutputs(
         hidden_states=tuple(out.hidden_states) if hidden_states and out.hidden_states is not None else None,
         attentions=tuple(out.attentions) if attentions and out.attentions is not None else None,
-        mask=mask,
+        mask=inputs.get("attention_mask"),
     )
-    if task == "embedding":
-        last = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
-        if mask is None:
-            mask = torch.ones(last.shape[:2], device=last.device, dtype=torch.long)
-        result.embeddings = pool(last, mask, pooling)
-    elif task == "token_classification":
-        if words is None:
-            raise ValueError("token classification needs word positions")
-        result.logits, result.word_mask = gather_words(out.logits, words)
-    else:
-        result.logits = out.logits
+    task.read_outputs(out, result, words, pooling)
     return result

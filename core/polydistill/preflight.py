@@ -16,6 +16,7 @@ from typing import Any
 
 from polydistill.config import Config, DataSource
 from polydistill.errors import ConfigError, PolydistillError
+from polydistill.tasks import get_task
 
 #: Endings of data files: a path with one of these is a file, never a hub dataset id.
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow", ".gz", ".zip", ".bz2", ".xz", ".zst")
@@ -116,12 +117,9 @@ def header(path: Path, fmt: str) -> list[str] | None:
 def _check_source(config: Config, where: str, source: DataSource, evaluation: bool) -> list[str]:
     problems = []
     cols = source.columns
-    task = config.task
-    if evaluation and task == "embedding" and cols.source is None:
-        problems.append(f"{where}.columns.source: embedding evaluation retrieves each text's translation, so it needs the "
-                        "column of the other side of each pair")
-    if evaluation and task != "embedding" and cols.label is None:
-        problems.append(f"{where}.columns.label: evaluating {task} needs the gold labels' column")
+    task = get_task(config.task)
+    if evaluation and getattr(cols, task.eval_column) is None:
+        problems.append(f"{where}.columns.{task.eval_column}: {task.eval_column_why}")
     wanted = {f"columns.{role}": col for role, col in
               (("text", cols.text), ("source", cols.source), ("label", cols.label), ("lang", cols.lang)) if col is not None}
     wanted.update({f"filter.{k}": k for k in (source.filter or {})})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +18,10 @@ from polydistill import models as M
 from polydistill.batch import Batch, ModelOutputs
 from polydistill.config import Config
 from polydistill.plugins import PluginHost
+from polydistill.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from polydistill.teachers import TeacherRunner
 
 
 @dataclass
@@ -49,6 +53,8 @@ class TrainState:
     need_attentions: bool = False
     modules: dict[str, nn.Module] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Runs the teachers through the cache (see :meth:`run_teacher`); set by the loop.
+    teacher_runner: TeacherRunner | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -56,7 +62,13 @@ class TrainState:
 
     @property
     def task(self) -> str:
+        """The task's name (``config.task``); ask :attr:`task_def` what the task has."""
         return self.config.task
+
+    @property
+    def task_def(self) -> Task:
+        """The run's :class:`~polydistill.tasks.Task`: ``class_logits``, ``word_level``, ``output_field``, ... Since API 1.2."""
+        return get_task(self.config.task)
 
     def settings(self, plugin: str) -> Any:
         """The validated settings of an enabled plugin (None if it has no settings model)."""
@@ -82,6 +94,32 @@ class TrainState:
         second pass for consistency terms such as R-Drop's). Since API 1.1.
         """
         return M.forward(
-            self.student, batch.student_inputs, self.config.task, batch.student_words,
+            self.student, batch.student_inputs, self.task_def, batch.student_words,
             self.config.pooling, self.need_hidden_states, self.need_attentions,
         )
+
+    def run_teacher(self, i: int, batch: Batch, per_layer: bool | None = None) -> ModelOutputs:
+        """Teacher ``i``'s outputs for ``batch`` as the loop computes them: through the teacher-output
+        cache when it is on (only texts it lacks are run), in the run's precision, without grad.
+
+        ``per_layer``: with the hidden states / attentions plugins asked for
+        (default: when they asked); per-layer outputs are never cached. Since API 1.2.
+        """
+        if self.teacher_runner is None:
+            raise RuntimeError("run_teacher: the run's teachers are not set up yet (call it from setup or a step's hooks)")
+        with torch.no_grad():
+            return self.teacher_runner.run(i, batch, per_layer)
+
+    def fuse_teacher_outputs(self, outputs: dict[int, ModelOutputs], weights: torch.Tensor, batch: Batch) -> ModelOutputs:
+        """The core's default fusion of several teachers' final outputs (teacher index -> outputs).
+
+        ``weights``: ``(n_teachers,)``, ``(B, n_teachers)`` or, for word-level
+        tasks, ``(B, W, n_teachers)``. Per sample a weighted sum; per word, over
+        the teachers that have the word, renormalised (a teacher whose tokenizer
+        lost a word to max_length gives its weight to the others). A sample with
+        no weight is out of ``sample_mask``. Per-layer outputs are not fused.
+        Keeps the graph of ``weights`` (a learned gate). Since API 1.2.
+        """
+        if self.teacher_runner is None:
+            raise RuntimeError("fuse_teacher_outputs: the run's teachers are not set up yet")
+        return self.teacher_runner.fuse(outputs, weights, batch)

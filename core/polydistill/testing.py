@@ -148,21 +148,17 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
     ``overrides`` set fields by path, with ``__`` between the parts:
     ``training__max_steps=3``, ``plugins={"kd": False}``.
     """
-    parallel_cols = {"text": "de", "source": "en", "lang": "lang"}
-    if task == "sequence_classification":
-        teacher, mode = "teacher", "parallel"
-        train = {"path": str(data["parallel"]), "columns": parallel_cols}
-        evaluation = {"path": str(data["eval"]), "columns": {"label": "label", "lang": "lang"}}
-    elif task == "embedding":
-        teacher, mode = "embed", "parallel"
-        train = {"path": str(data["parallel"]), "columns": parallel_cols}
-        evaluation = train
-    elif task == "token_classification":
-        teacher, mode = "tagger", "same"
-        train = {"path": str(data["tokens"]), "columns": {"text": "words", "lang": "lang"}}
-        evaluation = {"path": str(data["tokens"]), "columns": {"text": "words", "label": "tags", "lang": "lang"}}
-    else:
-        raise ValueError(f"unknown task {task!r}")
+    parallel = {"path": str(data["parallel"]), "columns": {"text": "de", "source": "en", "lang": "lang"}}
+    runs = {  # task -> teacher, mode, training and evaluation data of its tiny run
+        "sequence_classification": ("teacher", "parallel", parallel,
+                                    {"path": str(data["eval"]), "columns": {"label": "label", "lang": "lang"}}),
+        "embedding": ("embed", "parallel", parallel, parallel),
+        "token_classification": ("tagger", "same", {"path": str(data["tokens"]), "columns": {"text": "words", "lang": "lang"}},
+                                 {"path": str(data["tokens"]), "columns": {"text": "words", "label": "tags", "lang": "lang"}}),
+    }
+    if task not in runs:
+        raise ValueError(f"unknown task {task!r}; tiny_config has runs for {', '.join(sorted(runs))}")
+    teacher, mode, train, evaluation = runs[task]
     cfg: dict[str, Any] = {
         "task": task,
         "mode": mode,

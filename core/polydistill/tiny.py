@@ -28,9 +28,6 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoModel,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     BertConfig,
     BertTokenizerFast,
     PreTrainedTokenizerFast,
@@ -38,7 +35,6 @@ from transformers import (
 
 __all__ = [
     "SPECIAL_TOKENS",
-    "TASKS",
     "build_tiny_model",
     "tiny_bert_config",
     "train_tokenizer",
@@ -46,13 +42,6 @@ __all__ = [
 
 #: Special tokens of every tokenizer built here; they get ids 0 to 4 in this order.
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-#: Task name -> Auto class that builds and loads the model for it.
-TASKS: dict[str, Any] = {
-    "sequence_classification": AutoModelForSequenceClassification,
-    "token_classification": AutoModelForTokenClassification,
-    "embedding": AutoModel,
-}
 
 _PREFIX = "##"
 
@@ -215,11 +204,11 @@ def build_tiny_model(
 ) -> Path:
     """Build a randomly initialised tiny BERT for ``task`` and save it to ``directory``.
 
-    ``task`` is one of ``TASKS``: ``"sequence_classification"``,
-    ``"token_classification"`` or ``"embedding"`` (a bare ``BertModel``).
+    ``task`` is an installed task (``polydistill.tasks``): ``"sequence_classification"``,
+    ``"token_classification"``, ``"embedding"`` (a bare ``BertModel``), ...
     A tokenizer is trained on ``texts`` (with ``vocab_size`` and ``lowercase``)
     unless ``tokenizer`` is given. ``id2label``, when given, sets the labels and
-    overrides ``num_labels``; both are ignored for ``"embedding"``.
+    overrides ``num_labels``; both are ignored for a task without class logits.
     ``config_kwargs`` go to ``tiny_bert_config`` (``num_heads``,
     ``intermediate_size``, ``max_position_embeddings``, ...).
 
@@ -228,8 +217,13 @@ def build_tiny_model(
     ``save_pretrained`` and load offline with the ``Auto*`` classes and
     ``AutoTokenizer``. Returns ``directory`` as a ``Path``.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    from polydistill.errors import ConfigError
+    from polydistill.tasks import get_task
+
+    try:
+        spec = get_task(task)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     directory = Path(directory)
     max_positions = int(config_kwargs.setdefault("max_position_embeddings", 128))
 
@@ -245,7 +239,7 @@ def build_tiny_model(
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token")
 
-    if task != "embedding":
+    if spec.class_logits:
         config_kwargs.update(_label_kwargs(num_labels, id2label))
     config_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     config = tiny_bert_config(
@@ -254,7 +248,7 @@ def build_tiny_model(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = TASKS[task].from_config(config)
+        model = spec.model_class().from_config(config)
     model.eval()
 
     directory.mkdir(parents=True, exist_ok=True)

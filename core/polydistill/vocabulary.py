@@ -21,6 +21,7 @@ from torch import nn
 
 from polydistill.config import Config, VocabularyConfig
 from polydistill.errors import ConfigError, DataError
+from polydistill.tasks import get_task
 
 #: Blocks too large to transliterate whole (CJK ideographs, Hangul syllables, Yi): only the characters seen are mapped.
 _LARGE_BLOCKS = [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xA000, 0xA4CF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0x20000, 0x3FFFF)]
@@ -61,7 +62,7 @@ class Corpus:
 def read_corpus(dataset: Any, config: Config, seed: int) -> Corpus:
     """Up to ``sample`` rows per language of ``dataset`` (normalised columns), sampled with ``seed``."""
     vc = config.student.vocabulary
-    words = config.task == "token_classification"
+    words = get_task(config.task).word_level
     parallel = config.mode == "parallel"
     if hasattr(dataset, "__len__"):
         texts, langs = list(dataset["text"]), list(dataset["lang"])

@@ -1,9 +1,9 @@
 """Adaptive KD temperature and per-sample weights (plugin ``adaptive_temperature``).
 
-The ``kd`` plugin's KL term reads ``batch.meta["temperature"]`` and
-``batch.meta["sample_weights"]``; this plugin sets both from ``augment_batch``
-as callables ``f(student_out, teacher_out)``, which ``kd`` calls after the
-forward passes. What it can do (see ``docs/plugins/adaptive_temperature.md``):
+The ``kd`` plugin's KL term follows the batch's loss hints (a temperature,
+sample weights); this plugin sets both from ``augment_batch`` with
+``batch.with_hints``, as callables ``f(student_out, teacher_out)`` which ``kd``
+calls after the forward passes. What it can do (see ``docs/plugins/adaptive_temperature.md``):
 
 - a schedule: ``constant``, ``linear`` or ``cosine`` annealing from ``start``
   to ``end``, after ``warmup_steps`` held at ``start``;
@@ -26,7 +26,6 @@ forward passes. What it can do (see ``docs/plugins/adaptive_temperature.md``):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Literal
 
@@ -317,8 +316,8 @@ class AdaptiveTemperature:
         s = self.settings
         if not state.teachers:
             raise ConfigError(f"plugins.{NAME}: the KD temperature needs a teacher, and the run has none")
-        if state.task == "embedding":
-            raise ConfigError(f"plugins.{NAME}: task embedding has no logits, so there is no KL temperature or flsw/cwsm weight")
+        if not state.task_def.class_logits:
+            raise ConfigError(f"plugins.{NAME}: task {state.task} has no class logits, so there is no KL temperature or flsw/cwsm weight")
         if self.start is None:
             kd = state.settings("kd")
             self.start = float(getattr(kd, "temperature", _DEFAULT_START))
@@ -367,28 +366,21 @@ class AdaptiveTemperature:
 
     @hookimpl
     def augment_batch(self, batch: Any, state: Any) -> Any:
-        if "temperature" in batch.meta:
-            raise ConfigError(
-                f"plugins.{NAME}: another plugin listed before it already set batch.meta['temperature']; "
-                "only one plugin may choose the KD temperature"
-            )
         step = state.step
         base = self.temperature_at(step)
         lam = self.lambda_at(step) if self.module is not None else None
-        meta = dict(batch.meta)
 
         def temperature(student_out: Any, teacher_out: Any) -> Any:
             return self._temperature(student_out, teacher_out, base, lam)
 
-        meta["temperature"] = temperature
-        if self.settings.weighting != "off":
-            previous = meta.get("sample_weights")
+        def sample_weights(student_out: Any, teacher_out: Any) -> torch.Tensor:
+            return self._sample_weights(student_out, teacher_out)
 
-            def sample_weights(student_out: Any, teacher_out: Any) -> torch.Tensor:
-                return self._sample_weights(student_out, teacher_out, previous)
-
-            meta["sample_weights"] = sample_weights
-        return dataclasses.replace(batch, meta=meta)
+        weights = sample_weights if self.settings.weighting != "off" else None
+        try:  # kd multiplies these weights with any other plugin's
+            return batch.with_hints(NAME, temperature=temperature, sample_weights=weights)
+        except polydistill.PluginError as exc:
+            raise ConfigError(f"plugins.{NAME}: {exc}") from None
 
     def _temperature(self, student_out: Any, teacher_out: Any, base: float, lam: float | None) -> Any:
         s = self.settings
@@ -420,16 +412,13 @@ class AdaptiveTemperature:
                 return flsw_values(student, teacher, s.flsw_gamma)
             return cwsm_values(student if s.cwsm_confidence == "student" else teacher)
 
-    def _sample_weights(self, student_out: Any, teacher_out: Any, previous: Any) -> torch.Tensor:
+    def _sample_weights(self, student_out: Any, teacher_out: Any) -> torch.Tensor:
         s = self.settings
         mask = _mask(student_out, teacher_out)
         with torch.no_grad():
             raw = _per_sample(self._values(s.weighting.removesuffix("_weight"), student_out, teacher_out), mask)
             w = normalise_weights(raw, s.weighting_strength)
             self._weights.append({"min": float(w.min()), "max": float(w.max()), "std": float(w.std(unbiased=False))})
-            if previous is not None:
-                other = previous(student_out, teacher_out) if callable(previous) else previous
-                w = w * torch.as_tensor(other, device=w.device).detach().to(w.dtype).view(-1)
         return w
 
     @hookimpl

@@ -202,8 +202,8 @@ class GanData:
     @hookimpl
     def setup(self, state: Any) -> None:
         s, config = self.settings, state.config
-        if config.task == "embedding":
-            raise ConfigError(f"plugins.{NAME}: the embedding task is not supported (the discrepancy is computed on logits)")
+        if not state.task_def.class_logits:
+            raise ConfigError(f"plugins.{NAME}: the {state.task} task is not supported (the discrepancy is computed on class logits)")
         if not state.teachers:
             raise ConfigError(f"plugins.{NAME}: needs a teacher (the generator maximises teacher-student disagreement)")
         self.data_free = not config.data.train
@@ -348,25 +348,26 @@ class GanData:
 
     def _check_generated_meta(self, batch: Batch) -> None:
         """Warn once when another plugin changes the student's kd loss on generated batches in a way the generator's
-        objective cannot follow (a temperature or sample weights in ``batch.meta``)."""
+        objective cannot follow (a temperature or sample weights in the batch's loss hints)."""
         if self.kd_terms is None or not self.kd_terms["kl"]:
             return
-        value = batch.meta.get("temperature")
+        hints = batch.loss_hints()
+        value = hints.temperature
         if value is not None and "temperature" not in self._warned:
             same = isinstance(value, (int, float)) and self.kind == "kl" and float(value) == self.temperature
             if not same:
                 self._warned.add("temperature")
                 self._warn(
-                    f"plugins.{NAME}.discrepancy: another plugin set batch.meta['temperature'] on the generated "
+                    f"plugins.{NAME}.discrepancy: plugin '{hints.temperature_by}' set the KD temperature on the generated "
                     f"batches, so the student's kl term uses that temperature, while the generator ascends "
                     f"{self._describe(self.kind, self.temperature, self.scale, own=self.settings.discrepancy != 'kd')}; "
                     "the two players' losses differ (the generator cannot follow a per-step, per-sample or learned "
                     "temperature)"
                 )
-        if batch.meta.get("sample_weights") is not None and "sample_weights" not in self._warned:
+        if hints.weights and "sample_weights" not in self._warned:
             self._warned.add("sample_weights")
             self._warn(
-                f"plugins.{NAME}.discrepancy: another plugin set batch.meta['sample_weights'] on the generated "
+                f"plugins.{NAME}.discrepancy: plugin '{', '.join(hints.weights_by)}' set sample weights on the generated "
                 "batches, so the student's kd terms weight samples, while the generator's objective weights them "
                 "equally; the two players' losses differ"
             )
@@ -445,8 +446,8 @@ class GanData:
 
         The teachers' graph is kept only with ``teacher_grad`` (the generator's update needs it).
         """
-        task = state.task
-        words = self._words(tokens.size(0), tokens.device) if task == "token_classification" else None
+        task = state.task_def
+        words = self._words(tokens.size(0), tokens.device) if task.word_level else None
         with state.accelerator.autocast():
             s_out = polydistill.forward(student, self.encode(tokens, student, self.special[0]), task, words)
             with torch.set_grad_enabled(teacher_grad and torch.is_grad_enabled()):
@@ -538,7 +539,7 @@ class GanData:
         with torch.no_grad():
             tokens = self.generate(n, self._seeded(state, _SALT_SAMPLES), state.device)
         student = state.unwrapped_student()
-        words = self._words(n, state.device) if state.task == "token_classification" else None
+        words = self._words(n, state.device) if state.task_def.word_level else None
         texts = ["<generated>"] * n
         meta = {k: v for k, v in batch.meta.items() if k != "placeholder"}
         meta.update(generated=True, gan_data_tokens=tokens.argmax(-1))
@@ -553,6 +554,7 @@ class GanData:
             student_words=words,
             teacher_words=[words] * len(state.teachers),
             meta=meta,
+            hints=batch.hints,  # hints plugins before this one set for the step carry over
         )
 
     @hookimpl

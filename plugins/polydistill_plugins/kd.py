@@ -3,14 +3,12 @@
 Terms, each with its own weight (0 switches a term off):
 
 - ``kl``: KL(teacher || student) on logits softened by a temperature, times T²
-  (Hinton et al. 2015). ``batch.meta["temperature"]``, when another plugin
-  sets it, replaces the configured temperature for that step: a number, a
-  ``(B,)`` tensor (per sample; it may carry gradients, e.g. a learnable
-  temperature), or a callable ``f(student_out, teacher_out)`` returning one
-  of those (for temperatures that depend on the outputs).
-  ``batch.meta["sample_weights"]`` weights samples the same way (a ``(B,)``
-  tensor or such a callable) in every term, ``ce``, ``hidden`` and
-  ``attention`` included. The teacher terms leave out the samples the
+  (Hinton et al. 2015). The batch's loss hints (``batch.loss_hints()``, set
+  by other plugins with ``batch.with_hints``): a temperature replaces the
+  configured one for that step (a number, a ``(B,)`` tensor, possibly with
+  gradients, or a callable of the step's outputs); sample weights weight
+  samples in every term, ``ce``, ``hidden`` and ``attention`` included.
+  The teacher terms leave out the samples the
   teacher outputs' ``sample_mask`` says no teacher teaches (``ce`` keeps
   them), and the per-layer terms the samples ``layer_mask`` says the
   per-layer outputs do not teach.
@@ -82,11 +80,6 @@ def _reduce(per: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor 
     return (per * w).sum() / w.sum().clamp(min=1e-9)
 
 
-def _resolve(value: Any, student_out: Any, teacher_out: Any) -> Any:
-    """A hand-off value from another plugin: itself, or computed from the outputs when callable."""
-    return value(student_out, teacher_out) if callable(value) else value
-
-
 def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
     return {i: round(i * teacher_layers / student_layers) for i in range(1, student_layers + 1)}
 
@@ -105,27 +98,29 @@ class StandardKD:
         self.used_temperatures: list[float] = []
 
     def _resolve(self, state: Any) -> None:
-        s, task, has_teacher = self.settings, state.task, bool(state.teachers)
-        classify = task != "embedding"
+        s, task, has_teacher = self.settings, state.task_def, bool(state.teachers)
+        classify, embed = task.class_logits, task.output_field == "embeddings"
         self.weights = {
             "kl": s.kl if s.kl is not None else float(classify and has_teacher),
             "ce": s.ce if s.ce is not None else float(classify and not has_teacher),
-            "mse": s.mse if s.mse is not None else float(task == "embedding" and has_teacher),
+            "mse": s.mse if s.mse is not None else float(embed and has_teacher),
             "cosine": s.cosine,
             "hidden": s.hidden,
             "attention": s.attention,
         }
         teacher_terms = ("kl", "mse", "cosine", "hidden", "attention")
         if not has_teacher and not classify:
-            raise ConfigError("teachers: the embedding task learns a teacher's embeddings; give at least one teacher")
+            raise ConfigError(f"teachers: the {task.name} task has no gold labels to learn from, only a teacher's outputs; "
+                              "give at least one teacher")
         if not has_teacher:
             bad = [k for k in teacher_terms if self.weights[k]]
             if bad:
                 raise ConfigError(f"plugins.kd.{bad[0]}: this term needs a teacher, and the run has none")
         if not classify and (self.weights["kl"] or self.weights["ce"]):
-            raise ConfigError(f"plugins.kd.{'kl' if self.weights['kl'] else 'ce'}: the embedding task has no logits; use mse or cosine")
-        if classify and (self.weights["mse"] or self.weights["cosine"]):
-            raise ConfigError(f"plugins.kd.{'mse' if self.weights['mse'] else 'cosine'}: embedding terms need task: embedding")
+            raise ConfigError(f"plugins.kd.{'kl' if self.weights['kl'] else 'ce'}: the {task.name} task has no class logits; use mse or cosine")
+        if not embed and (self.weights["mse"] or self.weights["cosine"]):
+            raise ConfigError(f"plugins.kd.{'mse' if self.weights['mse'] else 'cosine'}: embedding terms need a task "
+                              f"with sentence embeddings (task: embedding), not {task.name}")
         for k in ("hidden", "attention"):
             if self.weights[k] and not all(state.same_tokens[:1]):
                 raise ConfigError(
@@ -160,7 +155,8 @@ class StandardKD:
     @hookimpl
     def loss_terms(self, batch: Any, student_out: Any, teacher_out: Any, state: Any) -> dict[str, torch.Tensor]:
         w, terms = self.weights, {}
-        weights = _resolve(batch.meta.get("sample_weights"), student_out, teacher_out)
+        hints = batch.loss_hints()
+        weights = hints.resolve_weights(student_out, teacher_out, len(batch))
         if w["ce"]:
             if batch.labels is None:
                 raise ConfigError("plugins.kd.ce: the training data has no labels (columns.label)")
@@ -176,7 +172,7 @@ class StandardKD:
             mask = student_out.word_mask
             if mask is not None and teacher_out.word_mask is not None:
                 mask = mask & teacher_out.word_mask
-            temperature = _resolve(batch.meta.get("temperature", self.settings.temperature), student_out, teacher_out)
+            temperature = hints.resolve_temperature(student_out, teacher_out, self.settings.temperature)
             self.used_temperatures.append(float(torch.as_tensor(temperature, dtype=torch.float32).detach().mean()))
             terms["kl"] = w["kl"] * kl_divergence(student_out.logits, teacher_out.logits, temperature, mask, weights)
         if w["mse"] or w["cosine"]:

@@ -17,8 +17,9 @@ which of them teach each sample and how their outputs are combined.
   the student falls back.
 
 ``teacher_outputs`` runs each teacher that has a non-zero weight on its own
-encoding (``batch.teacher_inputs[i]``) with ``polydistill.forward`` and fuses
-logits (or pooled embeddings) per sample: ``mean``, fixed ``weights``,
+encoding with ``state.run_teacher`` (through the teacher-output cache when it
+is on) and weighs the teachers' logits (or pooled embeddings) per sample,
+fused by the core's ``state.fuse_teacher_outputs``: ``mean``, fixed ``weights``,
 ``confidence`` / ``entropy`` of each teacher's distribution, ``correctness``
 (the probability each teacher gives the gold label), or a learned ``gate``.
 Sequence-level outputs only: hidden states and attentions are those of the
@@ -53,7 +54,6 @@ import polydistill
 from polydistill import ConfigError, DataError, PluginSettings, hookimpl
 
 NAME = "multi_teacher"
-_METRIC = {"sequence_classification": "accuracy", "token_classification": "token_accuracy", "embedding": "mean"}
 
 
 def _err(option: str, message: str) -> ConfigError:
@@ -222,17 +222,19 @@ class MultiTeacher:
         if s.select == "language" and not self.lang_map:
             raise _err("select", "select: language needs `languages`, or `languages` on the teachers in the config")
         # what the task allows
-        if state.task == "embedding":
+        task = state.task_def
+        if not task.class_logits:
             if s.fusion in ("confidence", "entropy", "correctness"):
-                raise _err("fusion", f"{s.fusion} needs class logits; the embedding task has none (use mean, weights or gate)")
+                raise _err("fusion", f"{s.fusion} needs class logits; the {task.name} task has none (use mean, weights or gate)")
             if s.fusion == "gate" and s.gate_objective == "labels":
-                raise _err("gate_objective", "labels needs class labels; for the embedding task use student_kl")
+                raise _err("gate_objective", f"labels needs class labels; for the {task.name} task use student_kl")
+        if task.output_field == "embeddings":
             widths = {name: int(t.config.hidden_size) for name, t in zip(self.names, state.teachers)}
             if len(set(widths.values())) > 1:
                 raise _err("fusion", f"teachers' embeddings have different sizes {widths}; they cannot be averaged")
         if s.fusion != "gate":
             return None
-        if state.task == "embedding":
+        if task.output_field == "embeddings":
             features = sum(int(t.config.hidden_size) for t in state.teachers)
         else:
             features = n * len(state.labels)
@@ -259,22 +261,21 @@ class MultiTeacher:
                            f"(data.train{f'[{unlabelled[0]}]' if unlabelled else ''}.columns.label)")
         if s.selective:
             self._heldout = self._load_heldout(state)
-        if config.cache.enabled:
-            state.accelerator.print(f"{NAME}: the teacher-output cache is not used; this plugin runs the teachers itself")
 
     def _load_heldout(self, state: Any) -> tuple[Any, Any]:
         """The held-out set as the student reads it and as the teachers read it (normalised columns)."""
         h = self.settings.heldout
         assert h is not None
-        embedding = state.task == "embedding"
-        if embedding and h.source is None:
-            raise _err("heldout.source", "the embedding task scores bitext retrieval; give the column of the other side")
-        columns = {"text": h.text, "source": h.source, "label": None if embedding else h.label, "lang": h.lang}
+        task = state.task_def
+        pairs = task.eval_column == "source"  # scored on pairs (retrieval): both sides are the student's
+        if pairs and h.source is None:
+            raise _err("heldout.source", f"{task.eval_column_why}; give the column of the other side")
+        columns = {"text": h.text, "source": h.source, "label": h.label if task.class_logits else None, "lang": h.lang}
         try:  # read and checked as the run's own data are (formats, columns, values)
             ds = polydistill.load_data({"path": h.path, "limit": h.limit, "columns": columns}, state.config, state.labels)
         except polydistill.DataError as exc:
             raise _err("heldout.path", str(exc).removeprefix("data: ")) from None
-        if h.source is not None and not embedding:
+        if h.source is not None and not pairs:
             return ds.remove_columns("source"), ds.remove_columns("text").rename_column("source", "text")
         return ds, ds
 
@@ -286,7 +287,7 @@ class MultiTeacher:
             model, tokenizer, dataset, state.task, state.labels, config.data.max_length,
             self.settings.heldout_batch_size, config.pooling, state.device,
         )
-        metric = _METRIC[state.task]
+        metric = state.task_def.primary_metric
         return {lang: float(m[metric]) for lang, m in result["per_language"].items()}
 
     def _check(self, state: Any) -> None:
@@ -375,37 +376,31 @@ class MultiTeacher:
 
     @hookimpl
     def teacher_outputs(self, batch: Any, teachers: list[Any], weights: torch.Tensor, state: Any) -> Any:
-        s, task = self.settings, state.task
+        s, task = self.settings, state.task_def
         n, b = len(teachers), len(batch)
         sel = (weights if weights.dim() == 2 else weights.expand(b, n)).float()
         ran = [i for i in range(n) if bool((sel[:, i] != 0).any())]
         per_layer = state.need_hidden_states or state.need_attentions
-        need = sorted(set(ran) | ({0} if per_layer else set()))
-        outs = {}
-        with state.accelerator.autocast():
-            for i in need:
-                outs[i] = polydistill.forward(
-                    teachers[i], batch.teacher_inputs[i], task, batch.teacher_words[i], state.config.pooling,
-                    per_layer and i == 0 and state.need_hidden_states, per_layer and i == 0 and state.need_attentions,
-                )
-        field = "embeddings" if task == "embedding" else "logits"
+        # through the teacher-output cache; per-layer outputs are the first teacher's only
+        outs = {i: state.run_teacher(i, batch, per_layer=per_layer and i == 0) for i in ran}
+        first = outs.get(0) if 0 in outs else (state.run_teacher(0, batch, per_layer=True) if per_layer else None)
+        field = task.output_field
         values: list[torch.Tensor | None] = [getattr(outs[i], field).float() if i in ran else None for i in range(n)]
-        if task == "token_classification":  # word-level logits: every teacher has the same words
+        if task.word_level:  # word-level logits: every teacher has the same words
             width = batch.student_words.size(1)
             values = [v[:, :width] if v is not None else None for v in values]
         shape = next((v.shape for v in values if v is not None), None)
         # per-position prior: selection x fixed weights x "this teacher has this word"
-        if task == "token_classification":
+        if task.word_level:
             prior = sel[:, None, :].expand(b, width, n).clone()
-            for i in range(n):
-                if i in ran:
-                    prior[..., i] *= outs[i].word_mask[:, :width].float()
+            for i in ran:
+                prior[..., i] *= outs[i].word_mask[:, :width].float()
         else:
             prior = sel.clone()
         if self.fixed is not None:
             prior = prior * self.fixed.to(prior.device)
         taught = prior.sum(-1) > 0  # (B,) or (B, W)
-        dim = shape[-1] if shape is not None else (int(teachers[0].config.hidden_size) if task == "embedding" else len(state.labels))
+        dim = shape[-1] if shape is not None else (int(teachers[0].config.hidden_size) if field == "embeddings" else len(state.labels))
         zeros = torch.zeros(prior.shape[:-1] + (dim,), device=prior.device)  # for teachers that did not run
         values = [v if v is not None else zeros for v in values]
 
@@ -414,13 +409,15 @@ class MultiTeacher:
             logits = logits.masked_fill(prior == 0, float("-inf")).masked_fill(~taught.unsqueeze(-1), 0.0)
             return torch.softmax(logits, dim=-1) * taught.unsqueeze(-1).to(logits.dtype)
 
-        def fuse(w: torch.Tensor) -> torch.Tensor:
-            return sum(w[..., i : i + 1] * values[i] for i in range(n))
+        def fuse(w: torch.Tensor) -> torch.Tensor:  # the core's fusion, with this plugin's weights
+            if not ran:
+                return zeros
+            return getattr(state.fuse_teacher_outputs(outs, w, batch), field).float()
 
         gate_graph = None
         if s.fusion == "gate":
             assert self.gate is not None
-            if task == "embedding":
+            if field == "embeddings":
                 feats = torch.cat([F.normalize(v, dim=-1) for v in values], dim=-1)
             else:
                 feats = torch.cat([F.log_softmax(v, dim=-1) if i in ran else v for i, v in enumerate(values)], dim=-1)
@@ -441,14 +438,15 @@ class MultiTeacher:
 
         result = polydistill.ModelOutputs(extra={"teachers": ran, "weights": w, "teacher_names": list(self.names)})
         setattr(result, field, fused)
-        if task == "token_classification":
+        if task.word_level:
             result.word_mask = taught
         if per_layer:
-            result.hidden_states, result.attentions, result.mask = outs[0].hidden_states, outs[0].attentions, outs[0].mask
+            assert first is not None
+            result.hidden_states, result.attentions, result.mask = first.hidden_states, first.attentions, first.mask
             # per-layer outputs are the first teacher's: they teach only the samples it teaches (routing,
             # selective, a fixed weight of 0), so kd's hidden/attention terms leave out the others
-            first = prior[..., 0] != 0
-            result.layer_mask = first if first.dim() == 1 else first.any(-1)
+            first_teaches = prior[..., 0] != 0
+            result.layer_mask = first_teaches if first_teaches.dim() == 1 else first_teaches.any(-1)
         else:
             result.mask = outs[ran[0]].mask if ran else None
         # samples no teacher teaches get weight 0 in kd's terms

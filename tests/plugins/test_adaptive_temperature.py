@@ -44,14 +44,16 @@ def tiny_batch(n: int) -> polydistill.Batch:
 
 
 def handed_off(p: AdaptiveTemperature, student_logits, teacher_logits, step: int = 0, meta=None, word_mask=None):
-    """What kd would receive: (temperature, sample_weights) resolved from the batch.meta callables."""
+    """What kd would receive: (temperature, sample_weights) resolved from the batch's loss hints."""
     batch = tiny_batch(len(student_logits))
     batch.meta.update(meta or {})
     out = p.augment_batch(batch, SimpleNamespace(step=step))
     s = polydistill.ModelOutputs(logits=student_logits, word_mask=word_mask)
     t = polydistill.ModelOutputs(logits=teacher_logits, word_mask=word_mask)
-    temperature = out.meta["temperature"](s, t)
-    weights = out.meta["sample_weights"](s, t) if "sample_weights" in out.meta else None
+    hints = out.loss_hints()
+    assert hints.temperature_by == NAME
+    temperature = hints.resolve_temperature(s, t, None)
+    weights = hints.resolve_weights(s, t, len(student_logits)) if hints.weights else None
     return temperature, weights
 
 
@@ -196,14 +198,14 @@ def test_cwsm_weights_hand_computed():
 
 
 class CheckWeightedKL:
-    """Recomputes kd's KL term from the weights and temperature handed over in batch.meta."""
+    """Recomputes kd's KL term from the weights and temperature handed over as loss hints."""
 
     def __init__(self) -> None:
         self.expected: list[float] = []
 
     @hookimpl
     def loss_terms(self, batch, student_out, teacher_out, state):
-        w = batch.meta["sample_weights"](student_out, teacher_out)
+        w = batch.loss_hints().resolve_weights(student_out, teacher_out, len(batch))
         per = torch.stack([kl_divergence(student_out.logits[i : i + 1], teacher_out.logits[i : i + 1], 2.0) for i in range(len(batch))])
         self.expected.append(float((w * per.detach()).sum() / w.sum()))
 

@@ -155,7 +155,7 @@ def test_bad_configurations_are_refused_naming_the_option(models, data, tmp_path
         polydistill.train(parallel_config(models, data, tmp_path, plugins={"back_translation": bad}))
     with pytest.raises(ConfigError, match=r"plugins\.back_translation\.num_beams"):
         polydistill.train(parallel_config(models, data, tmp_path, plugins={"back_translation": {**opts, "num_beams": 0}}))
-    token = SimpleNamespace(task="token_classification", config=SimpleNamespace(mode="same", resolve_path=lambda p: p))
+    token = SimpleNamespace(task="token_classification", task_def=polydistill.get_task("token_classification"), config=SimpleNamespace(mode="same", resolve_path=lambda p: p))
     with pytest.raises(ConfigError, match=r"plugins\.back_translation\.side: .*token_classification"):
         BackTranslation(BackTranslation.Settings(**opts)).setup(token)
 
@@ -182,7 +182,7 @@ def test_augment_batch_directly_uses_state_rng(translators, tmp_path):
 def started(translators, tmp_path, **extra) -> BackTranslation:
     """A plugin after its setup hook, as a run in mode 'same' would have it."""
     bt = BackTranslation(BackTranslation.Settings(**options(translators, tmp_path, **extra)))
-    bt.setup(SimpleNamespace(task="sequence_classification", config=SimpleNamespace(
+    bt.setup(SimpleNamespace(task="sequence_classification", task_def=polydistill.get_task("sequence_classification"), config=SimpleNamespace(
         mode="same", resolve_path=lambda p: p, training=SimpleNamespace(seed=0))))
     return bt
 

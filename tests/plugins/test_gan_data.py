@@ -223,7 +223,7 @@ def test_an_explicitly_different_generator_objective_is_warned_about_naming_both
     # a temperature chosen by another plugin, which the generator cannot follow
     cfg["plugins"] = {"kd": {"temperature": 3.0}, "adaptive_temperature": {"schedule": "linear", "end": 1.0}}
     (message,) = gan_warnings(train(cfg))
-    assert message.startswith("plugins.gan_data.discrepancy: another plugin set batch.meta['temperature'] on the generated "
+    assert message.startswith("plugins.gan_data.discrepancy: plugin 'adaptive_temperature' set the KD temperature on the generated "
                               "batches, so the student's kl term uses that temperature, while the generator ascends "
                               "T² · KL(teacher || student) at plugins.kd.temperature = 3"), message
 

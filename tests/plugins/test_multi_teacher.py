@@ -115,6 +115,38 @@ def test_fixed_weights_are_renormalised_per_sample(models, data, trained_teacher
     torch.testing.assert_close(row["logits"], expected, atol=1e-5, rtol=1e-4)
 
 
+class Forwards:
+    """Counts each teacher's forward passes per epoch."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, int], int] = {}
+
+    @hookimpl
+    def setup(self, state):
+        for i, t in enumerate(state.teachers):
+            t.register_forward_hook(lambda *a, i=i: self._count(state, i))
+
+    def _count(self, state, i):
+        key = (state.epoch, i)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+def test_the_teachers_run_through_the_teacher_cache(models, data, trained_teacher, tmp_path):
+    """Epoch 2 reads every teacher's outputs from the cache; the fused outputs are those of epoch 1."""
+    seen, forwards = Seen(), Forwards()
+    cfg = same_mode_config(models, data, tmp_path, two_teachers(trained_teacher, models, good=["en"], bad=["de"]),
+                           multi_teacher={"fusion": "weights", "weights": {"good": 3.0, "bad": 1.0}, "select": "all"})
+    cfg["training"] = {**cfg["training"], "max_steps": None, "epochs": 2}
+    cfg["data"]["shuffle"] = False
+    cfg["cache"] = {"enabled": True, "dir": str(tmp_path / "cache")}
+    polydistill.train(cfg, plugins=[("seen", seen), ("forwards", forwards)])
+    assert forwards.counts == {(0, 0): 3, (0, 1): 3}  # 24 rows, batches of 8: three per epoch, none in the second
+    first, second = seen.rows[:3], seen.rows[3:]
+    for a, b in zip(first, second):
+        assert a["texts"] == b["texts"]
+        torch.testing.assert_close(a["logits"], b["logits"], atol=1e-6, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- language routing
 
 

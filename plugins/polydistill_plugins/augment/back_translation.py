@@ -76,9 +76,9 @@ class BackTranslation(_Augment):
 
     def prepare(self, state: Any) -> None:
         s = self.settings
-        if state.task == "token_classification":
-            raise self.error("side", "back-translation changes the words of a sentence, so word labels of "
-                             "token_classification would no longer align; use synonym or code_switch instead")
+        if state.task_def.word_level:
+            raise self.error("side", "back-translation changes the words of a sentence, so the word labels of "
+                             f"{state.task} would no longer align; use synonym or code_switch instead")
         if self.parallel and s.side == "both":
             raise self.error("side", "in mode 'parallel' the two columns are in different languages and one model pair "
                              "translates one of them; choose 'student' or 'teacher'")

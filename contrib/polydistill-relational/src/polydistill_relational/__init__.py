@@ -22,8 +22,9 @@ The sets of rows (``relation_sets``):
   the loss is averaged over sentences) or all words of the batch one set
   (``scope: batch``).
 
-Sample weights (``batch.meta["sample_weights"]``, as kd reads them: a number, a
-``(B,)`` tensor, or a callable ``f(student_out, teacher_out)`` returning one):
+Sample weights (the batch's loss hints, ``batch.loss_hints()``, as kd reads
+them; on an API 1.1 core ``batch.meta["sample_weights"]``: a number, a ``(B,)``
+tensor, or a callable ``f(student_out, teacher_out)`` returning one):
 a row of weight 0 is not a point at all (multi_teacher gives its untaught
 samples weight 0, and zero fused logits); a pair weighs ``w_i * w_j`` and a
 triplet ``w_i * w_j * w_k``, each loss being the weighted mean over the same
@@ -47,7 +48,7 @@ from pydantic import Field, model_validator
 
 from polydistill import ConfigError, PluginError, PluginSettings, hookimpl
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 NAME = "relational"
 #: Salt of the subsample's generator (``state.rng``), so its draws are its own.
@@ -273,7 +274,10 @@ class Relational:
     def loss_terms(self, batch: Any, student_out: Any, teacher_out: Any, state: Any) -> dict[str, torch.Tensor]:
         s, task = self.settings, state.task
         output = student_out.embeddings if task == "embedding" else student_out.logits
-        weights = sample_weights(batch.meta.get("sample_weights"), student_out, teacher_out, output.size(0))
+        if hasattr(batch, "loss_hints"):  # API 1.2: the typed hints (weights of every plugin, multiplied, checked)
+            weights = batch.loss_hints().resolve_weights(student_out, teacher_out, output.size(0))
+        else:
+            weights = sample_weights(batch.meta.get("sample_weights"), student_out, teacher_out, output.size(0))
         if getattr(teacher_out, "sample_mask", None) is not None:  # samples no teacher teaches are not points
             keep = teacher_out.sample_mask.to(output.device, torch.float32)
             weights = keep if weights is None else weights * keep

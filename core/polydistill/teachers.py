@@ -1,0 +1,148 @@
+"""Teacher outputs: running a teacher on a batch through the teacher-output cache, and the default fusion.
+
+Plugins reach this through ``TrainState.run_teacher`` and
+``TrainState.fuse_teacher_outputs`` (API 1.2); the loop's own teacher step
+(``select_teachers`` -> ``teacher_outputs`` -> the default) is :meth:`TeacherRunner.outputs`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from polydistill import models as M
+from polydistill.batch import Batch, ModelOutputs
+from polydistill.cache import TeacherCache, fingerprint, read_settings
+from polydistill.errors import PluginError, warn
+from polydistill.tasks import get_task
+
+if TYPE_CHECKING:
+    from polydistill.state import TrainState
+
+
+class TeacherRunner:
+    """The run's teachers, each with its cache (None: off), for one :class:`~polydistill.TrainState`."""
+
+    def __init__(self, state: TrainState, caches: list[TeacherCache | None]):
+        self.state = state
+        self.caches = caches
+        self.task = get_task(state.config.task)
+
+    @classmethod
+    def for_state(cls, state: TrainState) -> TeacherRunner:
+        """A runner with the caches ``state.config.cache`` asks for."""
+        cc, config = state.config.cache, state.config
+        if not cc.enabled:
+            return cls(state, [None] * len(state.teachers))
+        directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
+        return cls(state, [
+            TeacherCache(directory, fingerprint(state.accelerator.unwrap_model(t)), read_settings(config, tok), cc.dtype)
+            for t, tok in zip(state.teachers, state.teacher_tokenizers)
+        ])
+
+    def outputs(self, batch: Batch) -> ModelOutputs | None:
+        """select_teachers -> teacher_outputs, with the core defaults when no plugin answers."""
+        state, host = self.state, self.state.plugins
+        if not state.teachers:
+            return None
+        weights = host.run("select_teachers", batch=batch, teachers=state.teachers, state=state)
+        if weights is None:
+            weights = torch.full((len(state.teachers),), 1.0 / len(state.teachers), device=state.device)
+        with torch.no_grad():
+            fused = host.run("teacher_outputs", batch=batch, teachers=state.teachers, weights=weights, state=state)
+            return fused if fused is not None else self.default_outputs(batch, weights)
+
+    def default_outputs(self, batch: Batch, weights: torch.Tensor) -> ModelOutputs:
+        """The fused final outputs of the teachers with non-zero weight; per-layer outputs of teacher 0."""
+        state = self.state
+        active = [i for i in range(len(state.teachers)) if bool((weights[..., i] != 0).any())]
+        if not active:
+            raise PluginError("select_teachers gave every teacher weight 0 for a batch", hook="select_teachers")
+        per_layer = state.need_hidden_states or state.need_attentions
+        outs = {i: self.run(i, batch, per_layer=per_layer and i == 0) for i in active}
+        first = outs[0] if 0 in outs else (self.run(0, batch, per_layer=True) if per_layer else None)
+        fused = self.fuse(outs, weights, batch)
+        fused.mask = first.mask if first is not None else None
+        if first is not None:
+            fused.hidden_states, fused.attentions = first.hidden_states, first.attentions
+            w0 = weights[..., 0]
+            if w0.dim():  # per-layer outputs are teacher 0's: samples routed away from it must not learn them
+                fused.layer_mask = (w0 != 0).reshape(len(batch), -1).any(-1)
+        return fused
+
+    def fuse(self, outs: dict[int, ModelOutputs], weights: torch.Tensor, batch: Batch) -> ModelOutputs:
+        """The task's default fusion of the final outputs in ``outs`` (teacher index -> outputs).
+
+        ``weights``: ``(n,)``, ``(B, n)`` or, for word-level tasks, ``(B, W, n)``;
+        a weighted sum per sample (per word: over the teachers that have the
+        word, renormalised). A sample with no weight is out of ``sample_mask``.
+        Per-layer outputs are not fused. ``extra["teachers"]`` lists ``outs``' teachers.
+        """
+        if not outs:
+            raise ValueError("fuse_teacher_outputs: no teacher outputs to fuse")
+        fused = self.task.fuse(outs, weights, len(batch))
+        fused.extra["teachers"] = list(outs)
+        return fused
+
+    def run(self, i: int, batch: Batch, per_layer: bool | None = None) -> ModelOutputs:
+        """Teacher ``i``'s outputs for ``batch``; with the cache on, only texts it lacks are run.
+
+        ``per_layer``: also its hidden states / attentions as plugins asked for
+        them (default: when they did); those are never cached.
+        """
+        state, cache = self.state, self.caches[i]
+        if per_layer is None:
+            per_layer = state.need_hidden_states or state.need_attentions
+        # Entries are keyed by text: inputs a plugin built without token ids (generated
+        # embeddings) have no text that identifies them, so they bypass the cache.
+        if cache is None or "input_ids" not in batch.teacher_inputs[i] or per_layer:
+            return self._forward(i, batch.teacher_inputs[i], batch.teacher_words[i], per_layer)
+        texts = batch.teacher_texts
+        found = cache.lookup(texts)
+        words = batch.teacher_words[i]
+        if words is not None:  # an entry must hold one row per word the teacher reads
+            counts = (words >= 0).sum(1).tolist()
+            for j, a in enumerate(found):
+                if a is not None and len(a) != counts[j]:
+                    warn(f"teacher cache {cache.path}: an entry holds {len(a)} words where the teacher reads {counts[j]}; recomputed")
+                    found[j] = None
+        keys = [t if isinstance(t, str) else tuple(t) for t in texts]  # word lists (token tasks) as tuples
+        # A text repeated in the batch (both sides of a parallel pair read the same
+        # source) is run once.
+        todo = list(dict.fromkeys(k for k, a in zip(keys, found) if a is None))
+        if todo:
+            first: dict[Any, int] = {}
+            for j, k in enumerate(keys):
+                first.setdefault(k, j)
+            rows = torch.tensor([first[k] for k in todo], device=state.device)
+            inputs = {k: v.index_select(0, rows) for k, v in batch.teacher_inputs[i].items()}
+            sub_words = None if words is None else words.index_select(0, rows)
+            if "attention_mask" in inputs:
+                inputs, sub_words = _trim_padding(inputs, sub_words)
+            new = self.task.cache_rows(self._forward(i, inputs, sub_words, False))
+            cache.put_many([texts[first[t]] for t in todo], new)
+            computed = dict(zip(todo, new))
+            found = [a if a is not None else computed[k] for k, a in zip(keys, found)]
+        return self.task.from_cache(found, words, state.device)
+
+    def _forward(self, i: int, inputs: dict[str, torch.Tensor], words: torch.Tensor | None, per_layer: bool) -> ModelOutputs:
+        state, config = self.state, self.state.config
+        with state.accelerator.autocast():
+            return M.forward(
+                state.teachers[i], inputs, self.task, words, config.pooling,
+                per_layer and state.need_hidden_states, per_layer and state.need_attentions,
+            )
+
+
+def _trim_padding(inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Drop the columns that are padding in every row (left or right), shifting word positions alike."""
+    used = inputs["attention_mask"].bool().any(0).nonzero().flatten()
+    if not len(used):
+        return inputs, words
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    inputs = {k: v[:, lo:hi] if v.dim() == 2 else v for k, v in inputs.items()}
+    if words is not None and lo:
+        words = torch.where(words >= 0, words - lo, words)
+    return inputs, words

@@ -4,8 +4,6 @@ them, no import circles, the teacher runner and typed loss hints as public API."
 from __future__ import annotations
 
 import ast
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from polydistill import ConfigError, LossHints, ModelOutputs, PluginError, hooki
 from polydistill.tasks import get_task, task_names
 
 from conftest import parallel_config
-from test_plugins import install_fake_distribution
+from test_plugins import install_fake_distribution, site  # noqa: F401  (site: the fixture a fake distribution goes into)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "core" / "polydistill"
@@ -78,17 +76,6 @@ def toy_task(site):
     yield
     for name in ("max_pooled", "misnamed", "not_a_task"):
         tasks._loaded.pop(name, None)
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    path = tmp_path / "site"
-    path.mkdir()
-    monkeypatch.syspath_prepend(str(path))
-    importlib.invalidate_caches()
-    yield path
-    for name in [m for m in sys.modules if m.startswith("fakeplug")]:
-        del sys.modules[name]
 
 
 def test_a_package_adds_a_task_through_the_entry_point_and_it_trains_and_evaluates(toy_task, models, data, tmp_path):
@@ -274,3 +261,30 @@ def test_a_plugin_runs_teachers_through_the_cache_and_fuses_like_the_core(models
     core = polydistill.train({**cfg, "output_dir": str(tmp_path / "core")})
     assert [r["loss/kl"] for r in mine.history if "loss/kl" in r] == pytest.approx(
         [r["loss/kl"] for r in core.history if "loss/kl" in r], rel=1e-6)
+
+
+# ------------------------------------------------------------------ paths
+
+
+def test_paths_are_resolved_once_when_the_config_loads(models, data, tmp_path, monkeypatch):
+    """Relative paths are read from the config file's folder; lower layers get them resolved; a plugin's
+    own data file (load_data) resolves the same way."""
+    import shutil
+
+    import yaml
+
+    folder = tmp_path / "project"
+    (folder / "models").mkdir(parents=True)
+    shutil.copytree(models["teacher"], folder / "models" / "teacher")
+    shutil.copy(data["parallel"], folder / "pairs.jsonl")
+    cfg = parallel_config(models, data, tmp_path)
+    cfg["teachers"] = [{"model": "models/teacher", "name": "teacher"}]
+    cfg["data"] = {"train": {"path": "pairs.jsonl", "columns": {"text": "de", "source": "en", "lang": "lang"}}}
+    (folder / "run.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    config = polydistill.load_config(folder / "run.yaml")
+    assert config.teachers[0].model == str(folder / "models" / "teacher")
+    assert config.data.train[0].path == str(folder / "pairs.jsonl")
+    assert config.teachers[0].tokenizer is None and config.output_dir == cfg["output_dir"]
+    own = polydistill.load_data({"path": "pairs.jsonl", "columns": {"text": "de", "lang": "lang"}}, config)
+    assert len(own) == len(polydistill.load_data(config.data.train[0], config))

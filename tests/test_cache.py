@@ -130,7 +130,8 @@ def test_augmented_teacher_texts_miss_the_cache(models, data, tmp_path):
     # the entry stored for the changed text is the teacher's output on the changed text
     teacher = M.load_model(str(models["teacher"]), "sequence_classification").eval()
     run_config = polydistill.load_config(_cfg(models, data, tmp_path, cache, name="aug"))
-    entry = TeacherCache(cache, fingerprint(teacher), read_settings(run_config, tok))
+    entry = TeacherCache(cache, fingerprint(teacher), read_settings(run_config.task, run_config.pooling, run_config.data.max_length,
+                                                                    run_config.training.mixed_precision, tok))
     stored = entry.get_many([target + " !"])
     assert stored is not None
     with torch.no_grad():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from polydistill import __version__
+from polydistill.version import __version__
 from polydistill.checkpoint import dump_json, write_atomic
 from polydistill.config import Config, load_config
 from polydistill.errors import ConfigError
@@ -157,17 +157,17 @@ def evaluate(
         if run_dir is not None and (run_dir / "student").is_dir():
             targets.append(("student", str(run_dir / "student"), None))
         elif cfg.student.model:
-            targets.append(("student", cfg.resolve_path(cfg.student.model), cfg.student.tokenizer))
+            targets.append(("student", cfg.student.model, cfg.student.tokenizer))
         elif which == "student":
             raise ConfigError("student: nothing to evaluate before training (give a run directory, or student.model)")
     if which in ("teachers", "all"):
         for name, t in zip(cfg.teacher_names(), cfg.teachers):
-            targets.append((f"teacher:{name}", cfg.resolve_path(t.model), t.tokenizer))
+            targets.append((f"teacher:{name}", t.model, t.tokenizer))
     results = {}
     for name, path, tok in targets:
         model = M.load_model(path, cfg.task, cfg.labels, role=name)
         labels = cfg.labels or M.model_labels(model)
-        tokenizer = M.load_tokenizer(cfg.resolve_path(tok) if tok else path, name)
+        tokenizer = M.load_tokenizer(tok or path, name)
         results[name] = evaluate_model(model, tokenizer, data, cfg.task, labels, dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, cfg.pooling)
     return results
 

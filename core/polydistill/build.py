@@ -25,8 +25,8 @@ def models(config: Config) -> tuple[list[nn.Module], list[Any], nn.Module, Any, 
     teachers, teacher_toks = [], []
     for i, t in enumerate(config.teachers):
         role = f"teachers[{i}]"
-        teachers.append(M.load_model(config.resolve_path(t.model), task, None, t.revision, role, require_head=True).eval())
-        teacher_toks.append(M.load_tokenizer(config.resolve_path(t.tokenizer or t.model), role, None if t.tokenizer else t.revision))
+        teachers.append(M.load_model(t.model, task, None, t.revision, role, require_head=True).eval())
+        teacher_toks.append(M.load_tokenizer(t.tokenizer or t.model, role, None if t.tokenizer else t.revision))
     labels = config.labels or (M.model_labels(teachers[0]) if teachers and task.class_logits else None)
     student, student_tok = _student(config, teachers, teacher_toks, labels)
     if task.class_logits and not labels:
@@ -52,11 +52,11 @@ def _student(config: Config, teachers: list[nn.Module], teacher_toks: list[Any],
         idx = ref if isinstance(ref, int) else config.teacher_names().index(ref)
         student = M.student_from_teacher(teachers[idx], sc.from_teacher.layers, config.task, labels)
     elif sc.config is not None:
-        base = config.resolve_path(sc.config["base"])
+        base = sc.config["base"]
         overrides = {k: v for k, v in sc.config.items() if k != "base"}
         student = M.student_from_config(base, overrides, config.task, labels)
     else:
-        student = M.load_model(config.resolve_path(sc.model), config.task, labels, role="student.model")
+        student = M.load_model(sc.model, config.task, labels, role="student.model")
     if sc.from_teacher is not None and not sc.tokenizer:
         tok = teacher_toks[idx]
     else:

@@ -47,13 +47,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha1(json.dumps(tokenizer_spec(tokenizer), sort_keys=True).encode()).hexdigest()
 
 
-def read_settings(config: Any, tokenizer: Any) -> dict[str, Any]:
+def read_settings(task: str, pooling: str, max_length: int, mixed_precision: str, tokenizer: Any) -> dict[str, Any]:
     """Everything besides the teacher's weights and the text that changes what the teacher outputs."""
     return {
-        "task": config.task,
-        "pooling": config.pooling,
-        "max_length": config.data.max_length,
-        "mixed_precision": config.training.mixed_precision,
+        "task": task,
+        "pooling": pooling,
+        "max_length": max_length,
+        "mixed_precision": mixed_precision,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
 

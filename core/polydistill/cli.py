@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from polydistill import __version__
+from polydistill.version import __version__
 from polydistill.errors import ConfigError, PolydistillError, PolydistillWarning
 
 DEBUG_ENV = "POLYDISTILL_DEBUG"

@@ -321,12 +321,31 @@ class Config(StrictModel):
         return [t.name or Path(t.model.rstrip("/")).name for t in self.teachers]
 
     def resolve_path(self, value: str) -> str:
-        """A relative path is read relative to the config file when it exists there."""
+        """A relative path is read relative to the config file when it exists there.
+
+        The core's own path fields are resolved once, when the config is loaded;
+        plugins resolve the paths in their settings with this.
+        """
         p = Path(value).expanduser()
         if p.is_absolute():
             return str(p)
         candidate = self._base_dir / p
         return str(candidate) if candidate.exists() else value
+
+    def _resolve_paths(self) -> None:
+        """Resolve every model, tokenizer and data path once (see :meth:`resolve_path`): lower layers read the fields."""
+        for t in self.teachers:
+            t.model = self.resolve_path(t.model)
+            t.tokenizer = self.resolve_path(t.tokenizer) if t.tokenizer else t.tokenizer
+        sc = self.student
+        sc.model = self.resolve_path(sc.model) if sc.model else sc.model
+        sc.tokenizer = self.resolve_path(sc.tokenizer) if sc.tokenizer else sc.tokenizer
+        if sc.config is not None and isinstance(sc.config.get("base"), str):
+            sc.config["base"] = self.resolve_path(sc.config["base"])
+        for source in [*self.data.train, *self.data.eval]:
+            source.path = self.resolve_path(source.path) if source.path is not None else None
+            if source.aligned is not None:
+                source.aligned = {k: self.resolve_path(v) for k, v in source.aligned.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -519,6 +538,7 @@ def load_config(
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, Config, origin)) from None
     config._base_dir = base_dir
+    config._resolve_paths()
     return config
 
 

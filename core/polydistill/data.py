@@ -86,7 +86,7 @@ def _explain_read_error(path: str, fmt: str) -> str | None:
     return None
 
 
-def load_source(source: DataSource, config: Config) -> Any:
+def load_source(source: DataSource, task: str, base_dir: Path) -> Any:
     """Load one source as a ``datasets`` Dataset (or IterableDataset when streaming)."""
     import datasets
 
@@ -98,7 +98,7 @@ def load_source(source: DataSource, config: Config) -> Any:
     quiet.setLevel(logging.CRITICAL)
     try:
         if source.aligned is not None:
-            files = {col: config.resolve_path(p) for col, p in source.aligned.items()}
+            files = dict(source.aligned)
             for col, path in files.items():
                 if not Path(path).is_file():
                     raise DataError(f"data: aligned file for column '{col}' not found: {path}")
@@ -110,13 +110,13 @@ def load_source(source: DataSource, config: Config) -> Any:
                 rows = list(_aligned_rows(files))
                 ds = datasets.Dataset.from_dict({col: [r[col] for r in rows] for col in files})
         else:
-            path = config.resolve_path(source.path)
+            path = source.path
             fmt = source.format
             if fmt == "auto":
                 fmt = FORMATS.get(Path(path).suffix.lower(), "hub")
                 if fmt == "hub" and Path(path).is_file():
                     raise DataError(f"data: cannot tell the format of {path}; set `format` (jsonl, csv, tsv, parquet)")
-            local = Path(path).suffix.lower() in DATA_SUFFIXES or looks_local(source.path, config._base_dir)
+            local = Path(path).suffix.lower() in DATA_SUFFIXES or looks_local(source.path, base_dir)
             if fmt != "hub" and Path(path).is_dir():  # datasets reads a folder as a dataset repository (format hub)
                 raise DataError(f"data: {path} is a directory; format {fmt} reads one file")
             if (fmt != "hub" or local) and not Path(path).exists():
@@ -136,7 +136,7 @@ def load_source(source: DataSource, config: Config) -> Any:
     except DataError:
         raise
     except Exception as exc:
-        local = config.resolve_path(source.path) if source.path is not None else None
+        local = source.path
         explained = _explain_read_error(local, fmt) if local and Path(local).is_file() else None
         if explained:
             raise DataError(explained) from None
@@ -147,11 +147,11 @@ def load_source(source: DataSource, config: Config) -> Any:
                         + (f" ({type(cause).__name__}: {why})" if why else "")) from None
     finally:
         quiet.setLevel(level)
-    ds = normalise(ds, source, config, where)
+    ds = normalise(ds, source, where)
     if not source.streaming and len(ds) == 0:
         raise DataError(f"data {where}: no rows{' left after `filter`' if source.filter else ''}")
     if not source.streaming:
-        check_values(ds, source, config.task, where)
+        check_values(ds, source, task, where)
     if source.streaming:
         local = list(files.values()) if source.aligned is not None else ([path] if fmt != "hub" else [])
         setattr(ds, STREAMED_FILES, local)
@@ -174,6 +174,11 @@ def load_data(source: DataSource | dict[str, Any], config: Config, labels: list[
             source = DataSource.model_validate(source)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, DataSource, "data source")) from None
+    # a plugin's paths are its own settings': resolved here as the config's own were when it loaded
+    source = source.model_copy(update={
+        "path": config.resolve_path(source.path) if source.path is not None else None,
+        "aligned": {k: config.resolve_path(v) for k, v in source.aligned.items()} if source.aligned is not None else None,
+    })
     return load_sources([source], config, labels)
 
 
@@ -224,7 +229,7 @@ def check_labels(ds: Any, labels: list[str], task: str, where: str, column: str)
                             f"{labels} (nor an id 0..{len(labels) - 1})")
 
 
-def normalise(ds: Any, source: DataSource, config: Config, where: str) -> Any:
+def normalise(ds: Any, source: DataSource, where: str) -> Any:
     """Keep and rename the mapped columns to text/source/label/lang; apply filter and limit."""
     cols = source.columns
     names = list(ds.column_names or [])
@@ -280,7 +285,7 @@ def load_sources(sources: list[DataSource], config: Config, labels: list[str] | 
     """Load and concatenate sources (all streaming or none); with ``labels``, check every in-memory label."""
     import datasets
 
-    loaded = [load_source(s, config) for s in sources]
+    loaded = [load_source(s, config.task, config._base_dir) for s in sources]
     if labels and get_task(config.task).class_logits:
         for s, ds in zip(sources, loaded):
             if s.columns.label is not None and not s.streaming:
@@ -468,7 +473,21 @@ def plan_batches(
     return batches
 
 
-class Loader:
+class BatchSource:
+    """What the loop reads batches from: :meth:`iterate`; ``len()`` is the number of batches per epoch, where known."""
+
+    #: Why ``len()`` has no answer (a source whose epochs have a length overrides ``__len__``).
+    no_length = "this batch source has no epoch length; set training.max_steps"
+
+    def __len__(self) -> int:
+        raise TypeError(self.no_length)
+
+    def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch``, leaving out the first ``skip`` (resume)."""
+        raise NotImplementedError
+
+
+class Loader(BatchSource):
     """Yields encoded batches of an in-memory dataset: one shard of a seeded epoch plan."""
 
     def __init__(
@@ -501,11 +520,7 @@ class Loader:
         n = math.ceil(len(self.dataset) / self.batch_size)
         return n // self.num_shards if self.num_shards > 1 else n
 
-    def num_batches(self, epoch: int) -> int:
-        return len(self)
-
     def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
-        """Batches of ``epoch``, leaving out the first ``skip`` (resume)."""
         for idx in self.batches(epoch)[skip:]:
             rows = self.dataset[idx.tolist()] if len(idx) else {}
             rows["__index__"] = idx.tolist()
@@ -524,12 +539,14 @@ class Loader:
         return real / max(padded, 1)
 
 
-class StreamLoader:
+class StreamLoader(BatchSource):
     """Yields encoded batches from a streamed dataset with memory bounded by ``buffer`` rows.
 
     Rows are read ``buffer`` at a time; each buffer is shuffled (seeded), sorted
     by length in mega-batches when grouping, and cut into batches.
     """
+
+    no_length = "a streamed dataset has no length; set training.max_steps"
 
     def __init__(self, dataset: Any, collator: Collator, batch_size: int, seed: int, shuffle: bool, group: bool, buffer: int, num_shards: int = 1, shard: int = 0):
         self.dataset = dataset
@@ -542,11 +559,6 @@ class StreamLoader:
         self.num_shards = num_shards
         self.shard = shard
 
-    def __len__(self) -> int:
-        raise TypeError("a streamed dataset has no length; set training.max_steps")
-
-    def num_batches(self, epoch: int) -> None:
-        return None
 
     def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
         rows = iter(self.dataset)
@@ -576,21 +588,17 @@ class StreamLoader:
                 yield self.collator(cols)
 
 
-class PlaceholderLoader:
+class PlaceholderLoader(BatchSource):
     """Endless empty batches for runs without training data, for a plugin to fill in ``augment_batch``.
 
     Each batch has no texts and no inputs; ``batch.meta["batch_size"]`` says
     how many examples the generating plugin should make.
     """
 
+    no_length = "a run without training data has no epoch length; set training.max_steps"
+
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        raise TypeError("a run without training data has no epoch length; set training.max_steps")
-
-    def num_batches(self, epoch: int) -> None:
-        return None
 
     def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[Batch]:
         while True:
@@ -598,7 +606,7 @@ class PlaceholderLoader:
                         meta={"batch_size": self.batch_size, "placeholder": True})
 
 
-def make_loader(dataset: Any, collator: Collator, batch_size: int, seed: int, shuffle: bool, group: bool, buffer: int = 10000, num_shards: int = 1, shard: int = 0) -> Loader | StreamLoader | PlaceholderLoader:
+def make_loader(dataset: Any, collator: Collator, batch_size: int, seed: int, shuffle: bool, group: bool, buffer: int = 10000, num_shards: int = 1, shard: int = 0) -> BatchSource:
     import datasets
 
     if dataset is None:

@@ -1,9 +1,10 @@
-"""The training loop: one step, the run around it, and the state hooks see.
+"""The training loop: one step and the run around it, saving included.
 
-Reading order: ``Trainer.__init__`` (build everything; the state plugins see is
-``polydistill.state.TrainState``), ``Trainer.fit`` (epochs, logging, evaluation, checkpoints) and
-``Trainer.step`` (the hook points of one step). The loop has no device code:
-accelerate places models and batches.
+Reading order: ``Trainer.__init__`` (the run's parts, built by ``polydistill.build``;
+the state plugins see is ``polydistill.state.TrainState``), ``Trainer.fit`` (epochs,
+logging, evaluation, checkpoints, the saved student) and ``Trainer.step`` (the hook
+points of one step; teachers run through ``polydistill.teachers``, tasks differ in
+``polydistill.tasks``). The loop has no device code: accelerate places models and batches.
 """
 
 from __future__ import annotations

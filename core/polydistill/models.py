@@ -115,13 +115,13 @@ def student_tokenizer_source(config: Any) -> tuple[str, str | None, str]:
     """(path or hub id, revision, role for errors) of the tokenizer the student starts from."""
     sc = config.student
     if sc.tokenizer:
-        return config.resolve_path(sc.tokenizer), None, "student.tokenizer"
+        return sc.tokenizer, None, "student.tokenizer"
     if sc.from_teacher is not None:
         ref = sc.from_teacher.teacher
         idx = ref if isinstance(ref, int) else config.teacher_names().index(ref)
         t = config.teachers[idx]
-        return config.resolve_path(t.tokenizer or t.model), None if t.tokenizer else t.revision, f"teachers[{idx}]"
-    return config.resolve_path(sc.config["base"] if sc.config is not None else sc.model), None, "student.tokenizer"
+        return t.tokenizer or t.model, None if t.tokenizer else t.revision, f"teachers[{idx}]"
+    return sc.config["base"] if sc.config is not None else sc.model, None, "student.tokenizer"
 
 
 def model_labels(model: nn.Module, named_only: bool = False) -> list[str] | None:

@@ -16,7 +16,8 @@ from typing import Any, Iterable
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from polydistill import API_VERSION, hookspecs
+from polydistill import hookspecs
+from polydistill.version import API_VERSION
 from polydistill.errors import ConfigError, PluginError, PolydistillError
 
 ENTRY_POINT_GROUP = "polydistill.plugins"

@@ -60,7 +60,7 @@ def _model_fields(config: Config) -> list[tuple[str, str, str]]:
 
 
 def _check_model(config: Config, field: str, value: str, kind: str) -> str | None:
-    path = Path(config.resolve_path(value)).expanduser()
+    path = Path(value).expanduser()
     if path.is_dir():
         if kind in ("model", "config") and not (path / "config.json").is_file():
             return f"{field}: {path} has no config.json (not a transformers model directory)"
@@ -125,13 +125,13 @@ def _check_source(config: Config, where: str, source: DataSource, evaluation: bo
     wanted.update({f"filter.{k}": k for k in (source.filter or {})})
     if source.aligned is not None:
         for col, value in source.aligned.items():
-            path = Path(config.resolve_path(value)).expanduser()
+            path = Path(value).expanduser()
             if not path.is_file():
                 problems.append(f"{where}.aligned.{col}: {'is a directory' if path.is_dir() else 'file not found'}: {_shown(config, value)}")
         names: list[str] | None = list(source.aligned)
     else:
         assert source.path is not None
-        path = Path(config.resolve_path(source.path)).expanduser()
+        path = Path(source.path).expanduser()
         fmt = _format(source, path)
         local = fmt != "hub" or path.exists() or path.suffix.lower() in DATA_SUFFIXES or looks_local(source.path, config._base_dir)
         if not local:

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from polydistill import API_VERSION
+from polydistill.version import API_VERSION
 from polydistill.errors import PolydistillError
 
 #: Generated file -> template in ``plugin_template/``; paths are templates too.

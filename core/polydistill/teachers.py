@@ -38,7 +38,9 @@ class TeacherRunner:
             return cls(state, [None] * len(state.teachers))
         directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
         return cls(state, [
-            TeacherCache(directory, fingerprint(state.accelerator.unwrap_model(t)), read_settings(config, tok), cc.dtype)
+            TeacherCache(directory, fingerprint(state.accelerator.unwrap_model(t)),
+                         read_settings(config.task, config.pooling, config.data.max_length, config.training.mixed_precision, tok),
+                         cc.dtype)
             for t, tok in zip(state.teachers, state.teacher_tokenizers)
         ])
 

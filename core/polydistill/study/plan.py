@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from polydistill import __version__
+from polydistill.version import __version__
 from polydistill.config import RUNTIME_FIELDS, apply_overrides, format_validation_error, load_config, read_config_file, set_path, without_fields
 from polydistill.errors import ConfigError, PolydistillError
 from polydistill.study.schema import StudyConfig, _show

@@ -155,9 +155,9 @@ class Batch:
             raise ValueError(f"replace_texts: expected {len(self)} texts, got {len(new_texts)} and {len(new_teacher)}")
         if same and teacher_texts is not None and list(teacher_texts) != new_texts:
             raise ValueError("replace_texts: in mode 'same' teacher and student read one text; pass texts= only")
-        if self.labels is not None and self.labels.dim() == 2:
+        if self.labels is not None and self.labels.dim() == 2:  # word-level labels of word lists must keep aligning
             for i, (old, new) in enumerate(zip(self.texts, new_texts)):
-                if len(old) != len(new):
+                if isinstance(old, (list, tuple)) and len(old) != len(new):
                     raise ValueError(f"replace_texts: row {i} has {len(new)} words instead of {len(old)}; token labels would no longer align")
         batch = self.encoder(new_texts, new_teacher, self.langs, self.labels, {**self.meta, **meta})
         batch.hints = self.hints

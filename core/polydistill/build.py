@@ -26,15 +26,15 @@ def models(config: Config) -> tuple[list[nn.Module], list[Any], nn.Module, Any, 
     for i, t in enumerate(config.teachers):
         role = f"teachers[{i}]"
         teachers.append(M.load_model(t.model, task, None, t.revision, role, require_head=True).eval())
-        teacher_toks.append(M.load_tokenizer(t.tokenizer or t.model, role, None if t.tokenizer else t.revision))
-    labels = config.labels or (M.model_labels(teachers[0]) if teachers and task.class_logits else None)
+        teacher_toks.append(M.load_tokenizer(t.tokenizer or t.model, role, None if t.tokenizer else t.revision, task))
+    labels = config.labels or (M.model_labels(teachers[0]) if teachers and task.named_labels else None)
     student, student_tok = _student(config, teachers, teacher_toks, labels)
-    if task.class_logits and not labels:
+    if task.named_labels and not labels:
         labels = M.model_labels(student, named_only=True)
         if not labels:
             raise ConfigError("labels: give the label names (neither a teacher nor the student model names them)")
     for name, t in zip(config.teacher_names(), teachers):
-        if task.class_logits:
+        if task.named_labels:
             own = M.model_labels(t, named_only=True)
             if t.config.num_labels != len(labels or []) or (own and own != labels):
                 raise ConfigError(
@@ -61,7 +61,7 @@ def _student(config: Config, teachers: list[nn.Module], teacher_toks: list[Any],
         tok = teacher_toks[idx]
     else:
         path, revision, role = M.student_tokenizer_source(config)
-        tok = M.load_tokenizer(path, role, revision)
+        tok = M.load_tokenizer(path, role, revision, config.task)
     return student.train(), tok
 
 

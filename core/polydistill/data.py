@@ -186,7 +186,7 @@ def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:
     """The mapped columns of an in-memory dataset hold what the task reads: text (or, for token
     tasks, lists of words) and language tags as strings, no nulls, as many tags as words."""
     cols = source.columns
-    words = get_task(task).word_level
+    words = get_task(task).text_is_words
     roles = {"text": cols.text, "source": cols.source, "lang": cols.lang}
     for role, column in roles.items():
         if column is None or role not in ds.column_names:
@@ -286,7 +286,7 @@ def load_sources(sources: list[DataSource], config: Config, labels: list[str] | 
     import datasets
 
     loaded = [load_source(s, config.task, config._base_dir) for s in sources]
-    if labels and get_task(config.task).class_logits:
+    if labels and get_task(config.task).named_labels:
         for s, ds in zip(sources, loaded):
             if s.columns.label is not None and not s.streaming:
                 check_labels(ds, labels, config.task, _describe(s), s.columns.label)
@@ -341,7 +341,7 @@ class Collator:
         self.labels = labels
         self.label2id = {name: i for i, name in enumerate(labels or [])}
         self.parallel = parallel
-        self.words = self.task.word_level
+        self.words = self.task.text_is_words
 
     def __call__(self, rows: dict[str, list[Any]]) -> Batch:
         texts = rows["text"]
@@ -372,33 +372,16 @@ class Collator:
                 expect = "a list of words (strings)" if self.words else "a string"
                 raise DataError(f"data.train: a row's text (columns.text, or columns.source) is {shown}; expected {expect}")
 
-    def _encode_one(self, tokenizer: Any, texts: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def _encode_one(self, tokenizer: Any, texts: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         self._check_texts(texts)
-        enc = tokenizer(
-            list(texts),
-            is_split_into_words=self.words,
-            truncation=True,
-            max_length=self.max_length,
-            padding=self.padding,
-            return_tensors="pt",
-        )
-        words = None
-        if self.words:
-            width = max((len(t) for t in texts), default=0)
-            words = torch.full((len(texts), width), -1, dtype=torch.long)
-            for i in range(len(texts)):
-                last = None
-                for pos, w in enumerate(enc.word_ids(i)):
-                    if w is not None and w != last:
-                        words[i, w] = pos
-                    last = w
-        inputs = {k: v for k, v in enc.items() if k in tokenizer.model_input_names}
-        return inputs, words
+        return self.task.encode(tokenizer, texts, self.max_length, self.padding)
 
     def encode(self, texts: list[Any], teacher_texts: list[Any], langs: list[str], labels: torch.Tensor | None, meta: dict[str, Any]) -> Batch:
-        student_inputs, student_words = self._encode_one(self.student_tokenizer, texts)
+        student_inputs, student_words, from_text = self._encode_one(self.student_tokenizer, texts)
+        if from_text is not None:  # the task's labels come from the text (a language model's next tokens)
+            labels = from_text
         teacher_inputs, teacher_words = [], []
-        cache: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None]] = {}
+        cache: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]] = {}
         for tok in self.teacher_tokenizers:
             if tok is None and teacher_texts is texts:
                 teacher_inputs.append(student_inputs)

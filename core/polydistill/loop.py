@@ -35,6 +35,7 @@ from polydistill.errors import CheckpointError, ConfigError, DataError, PluginEr
 from polydistill.evaluation import evaluate_model
 from polydistill.plugins import PluginHost
 from polydistill.state import TrainState
+from polydistill.tasks import get_task
 from polydistill.teachers import TeacherRunner
 
 
@@ -79,6 +80,7 @@ class Trainer:
         )
 
         same = [tok is None and config.mode == "same" for tok in self.collator.teacher_tokenizers]
+        get_task(config.task).check_teachers(config.teacher_names(), same)
         self.state = state = TrainState(
             config=config, accelerator=acc, student=student, teachers=teachers, teacher_names=config.teacher_names(),
             student_tokenizer=student_tok, teacher_tokenizers=teacher_toks, labels=labels, plugins=self.host,

@@ -99,7 +99,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_tokenizer(name_or_path: str, role: str = "tokenizer", revision: str | None = None) -> Any:
+def load_tokenizer(name_or_path: str, role: str = "tokenizer", revision: str | None = None, task: str | Task | None = None) -> Any:
+    """A fast tokenizer by hub id or path; with ``task``, as the task needs it (``Task.prepare_tokenizer``)."""
     from transformers import AutoTokenizer
 
     try:
@@ -108,7 +109,7 @@ def load_tokenizer(name_or_path: str, role: str = "tokenizer", revision: str | N
         raise ConfigError(f"{role}: cannot load tokenizer '{name_or_path}': {exc}") from None
     if not getattr(tok, "is_fast", False):
         raise ConfigError(f"{role}: '{name_or_path}' has no fast tokenizer; polydistill needs one for word alignment")
-    return tok
+    return get_task(task).prepare_tokenizer(tok, role) if task is not None else tok
 
 
 def student_tokenizer_source(config: Any) -> tuple[str, str | None, str]:

@@ -34,7 +34,10 @@ class TeacherRunner:
     def for_state(cls, state: TrainState) -> TeacherRunner:
         """A runner with the caches ``state.config.cache`` asks for."""
         cc, config = state.config.cache, state.config
-        if not cc.enabled:
+        refusal = get_task(config.task).cache_refusal
+        if cc.enabled and refusal:
+            state.accelerator.print(f"cache.enabled: {refusal}")
+        if not cc.enabled or refusal:
             return cls(state, [None] * len(state.teachers))
         directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
         return cls(state, [

@@ -93,7 +93,8 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     ``teacher`` (4 layers), ``teacher2`` and ``wide`` (hidden size 48) classify
     ``LABELS``; ``embed`` is a bare encoder; ``tagger`` tags ``TAGS``;
     ``other_tok`` classifies with another vocabulary (a student that
-    tokenizes differently). All but ``other_tok`` share one tokenizer.
+    tokenizes differently); ``lm`` is a 4-layer GPT-2 language model. All but
+    ``other_tok`` share one tokenizer.
     Heads are random: use ``tiny_trained_teacher`` for a teacher that knows
     the labels.
     """
@@ -111,6 +112,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
                                    id2label=dict(enumerate(TAGS)), num_layers=2, seed=5),
         "other_tok": build_tiny_model(root / "other_tok", TEXTS, tokenizer=train_tokenizer(TEXTS, vocab_size=120, lowercase=False),
                                       id2label=id2label, num_layers=2, seed=6),
+        "lm": build_tiny_model(root / "lm", TEXTS, task="causal_lm", tokenizer=tok, num_layers=4, seed=7),
     }
 
 
@@ -144,6 +146,8 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
       evaluated by retrieval of each German sentence's English translation.
     - ``token_classification``: same mode, ``tagger`` teaches a student cut
       from it on word lists.
+    - ``causal_lm``: same mode, ``lm`` teaches a 2-layer student cut from it
+      the next tokens of the en/de sentences; evaluated on the same sentences.
 
     ``overrides`` set fields by path, with ``__`` between the parts:
     ``training__max_steps=3``, ``plugins={"kd": False}``.
@@ -155,6 +159,8 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
         "embedding": ("embed", "parallel", parallel, parallel),
         "token_classification": ("tagger", "same", {"path": str(data["tokens"]), "columns": {"text": "words", "lang": "lang"}},
                                  {"path": str(data["tokens"]), "columns": {"text": "words", "label": "tags", "lang": "lang"}}),
+        "causal_lm": ("lm", "same", {"path": str(data["eval"]), "columns": {"text": "text", "lang": "lang"}},
+                      {"path": str(data["eval"]), "columns": {"text": "text", "lang": "lang"}}),
     }
     if task not in runs:
         raise ValueError(f"unknown task {task!r}; tiny_config has runs for {', '.join(sorted(runs))}")

@@ -29,12 +29,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     BertConfig,
+    GPT2Config,
     BertTokenizerFast,
     PreTrainedTokenizerFast,
 )
 
 __all__ = [
     "SPECIAL_TOKENS",
+    "tiny_gpt2_config",
     "build_tiny_model",
     "tiny_bert_config",
     "train_tokenizer",
@@ -173,6 +175,15 @@ def tiny_bert_config(
     )
 
 
+def tiny_gpt2_config(vocab_size: int, **kwargs: Any) -> GPT2Config:
+    """Return a small ``GPT2Config`` (a decoder-only LM) with the sizes and defaults of :func:`tiny_bert_config`."""
+    sizes = {k: kwargs.pop(k) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings") if k in kwargs}
+    bert = tiny_bert_config(vocab_size, **sizes)  # the same sizes, checked the same way
+    kwargs.setdefault("attn_implementation", "eager")
+    return GPT2Config(vocab_size=vocab_size, n_embd=bert.hidden_size, n_layer=bert.num_hidden_layers, n_head=bert.num_attention_heads,
+                      n_inner=bert.intermediate_size, n_positions=bert.max_position_embeddings, **kwargs)
+
+
 def _label_kwargs(num_labels: int, id2label: dict | None) -> dict[str, Any]:
     if id2label is None:
         if num_labels < 1:
@@ -202,14 +213,14 @@ def build_tiny_model(
     lowercase: bool = True,
     **config_kwargs: Any,
 ) -> Path:
-    """Build a randomly initialised tiny BERT for ``task`` and save it to ``directory``.
+    """Build a randomly initialised tiny BERT (a GPT-2 for ``causal_lm``) for ``task`` and save it to ``directory``.
 
     ``task`` is an installed task (``polydistill.tasks``): ``"sequence_classification"``,
-    ``"token_classification"``, ``"embedding"`` (a bare ``BertModel``), ...
+    ``"token_classification"``, ``"embedding"`` (a bare ``BertModel``), ``"causal_lm"``, ...
     A tokenizer is trained on ``texts`` (with ``vocab_size`` and ``lowercase``)
     unless ``tokenizer`` is given. ``id2label``, when given, sets the labels and
-    overrides ``num_labels``; both are ignored for a task without class logits.
-    ``config_kwargs`` go to ``tiny_bert_config`` (``num_heads``,
+    overrides ``num_labels``; both are ignored for a task without named labels.
+    ``config_kwargs`` go to ``tiny_bert_config`` or ``tiny_gpt2_config`` (``num_heads``,
     ``intermediate_size``, ``max_position_embeddings``, ...).
 
     Weights depend only on ``seed`` and the configuration; the global torch RNG
@@ -239,12 +250,14 @@ def build_tiny_model(
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token")
 
-    if spec.class_logits:
+    if spec.named_labels:
         config_kwargs.update(_label_kwargs(num_labels, id2label))
     config_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    config = tiny_bert_config(
-        len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, **config_kwargs
-    )
+    build = tiny_gpt2_config if spec.auto_class == "AutoModelForCausalLM" else tiny_bert_config
+    if build is tiny_gpt2_config:  # GPT-2's own defaults (50256) lie outside a tiny vocabulary
+        config_kwargs.setdefault("bos_token_id", tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.pad_token_id)
+        config_kwargs.setdefault("eos_token_id", tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.pad_token_id)
+    config = build(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, **config_kwargs)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

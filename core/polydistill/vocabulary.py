@@ -62,7 +62,7 @@ class Corpus:
 def read_corpus(dataset: Any, config: Config, seed: int) -> Corpus:
     """Up to ``sample`` rows per language of ``dataset`` (normalised columns), sampled with ``seed``."""
     vc = config.student.vocabulary
-    words = get_task(config.task).word_level
+    words = get_task(config.task).text_is_words
     parallel = config.mode == "parallel"
     if hasattr(dataset, "__len__"):
         texts, langs = list(dataset["text"]), list(dataset["lang"])

@@ -202,8 +202,9 @@ class GanData:
     @hookimpl
     def setup(self, state: Any) -> None:
         s, config = self.settings, state.config
-        if not state.task_def.class_logits:
-            raise ConfigError(f"plugins.{NAME}: the {state.task} task is not supported (the discrepancy is computed on class logits)")
+        if not state.task_def.named_labels:
+            raise ConfigError(f"plugins.{NAME}: the {state.task} task is not supported (the discrepancy is computed on "
+                              "class logits over the run's labels)")
         if not state.teachers:
             raise ConfigError(f"plugins.{NAME}: needs a teacher (the generator maximises teacher-student disagreement)")
         self.data_free = not config.data.train

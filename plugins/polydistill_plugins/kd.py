@@ -3,7 +3,9 @@
 Terms, each with its own weight (0 switches a term off):
 
 - ``kl``: KL(teacher || student) on logits softened by a temperature, times T²
-  (Hinton et al. 2015). The batch's loss hints (``batch.loss_hints()``, set
+  (Hinton et al. 2015), per sample, per word, or per target token of a language
+  model; ``divergence`` chooses reverse KL, skew KL / skew reverse KL (DistiLLM)
+  or the generalized Jensen-Shannon divergence (GKD) instead. The batch's loss hints (``batch.loss_hints()``, set
   by other plugins with ``batch.with_hints``): a temperature replaces the
   configured one for that step (a number, a ``(B,)`` tensor, possibly with
   gradients, or a callable of the step's outputs); sample weights weight
@@ -24,7 +26,8 @@ Terms, each with its own weight (0 switches a term off):
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,16 @@ from polydistill import ConfigError, PluginSettings, hookimpl
 class Settings(PluginSettings):
     kl: float | None = Field(None, ge=0, description="Weight of the KL term; default 1 for classification tasks with a teacher, else 0.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL term.")
+    divergence: Literal["forward", "reverse", "skew_forward", "skew_reverse", "jsd"] = Field(
+        "forward",
+        description="What the `kl` term measures between the teacher's distribution p and the student's q (both at "
+        "`temperature`, times T²): forward KL(p||q) (Hinton et al.); reverse KL(q||p), mode-seeking; skew_forward "
+        "KL(p || skew·p + (1-skew)·q) and skew_reverse KL(q || (1-skew)·p + skew·q) (DistiLLM, Ko et al. 2024); jsd, the "
+        "generalized Jensen-Shannon divergence jsd_beta·KL(p||m) + (1-jsd_beta)·KL(q||m), m = jsd_beta·p + "
+        "(1-jsd_beta)·q (GKD, Agarwal et al. 2024).",
+    )
+    skew: float = Field(0.1, gt=0, lt=1, description="α of skew_forward / skew_reverse: the share of the distribution the divergence is taken from in the mixture (DistiLLM's default 0.1).")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="β of jsd: the teacher's share of the mixture and the weight of KL(p||m); near 0 it behaves like forward KL, near 1 like reverse KL (each scaled down).")
     ce: float | None = Field(None, ge=0, description="Weight of hard-label cross-entropy; default 1 without a teacher, else 0.")
     mse: float | None = Field(None, ge=0, description="Weight of embedding MSE; default 1 for the embedding task, else 0.")
     cosine: float = Field(0.0, ge=0, description="Weight of embedding cosine loss (1 - cos).")
@@ -59,15 +72,40 @@ class Settings(PluginSettings):
         return self
 
 
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: Any, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over samples (and valid words) of T² · KL(softmax(t/T) || softmax(s/T))."""
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: Any, mask: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None, divergence: str = "forward", skew: float = 0.1, beta: float = 0.5) -> torch.Tensor:
+    """Mean over samples (and valid words or tokens) of T² · D(softmax(t/T), softmax(s/T)); D is ``divergence``
+    (see ``Settings.divergence``): forward KL(teacher || student) by default."""
     t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
     shape = [-1] + [1] * (student_logits.dim() - 1) if t.dim() else []
     t = t.view(shape) if shape else t
     s_log = F.log_softmax(student_logits / t, dim=-1)
     t_log = F.log_softmax(teacher_logits.to(student_logits.dtype) / t, dim=-1)
-    per = F.kl_div(s_log, t_log, log_target=True, reduction="none").sum(-1) * (t.squeeze(-1) ** 2 if t.dim() else t**2)
+    per = divergences(s_log, t_log, divergence, skew, beta) * (t.squeeze(-1) ** 2 if t.dim() else t**2)
     return _reduce(per, mask, weights)
+
+
+def divergences(s_log: torch.Tensor, t_log: torch.Tensor, divergence: str = "forward", skew: float = 0.1, beta: float = 0.5) -> torch.Tensor:
+    """``divergence`` between the teacher's and the student's distributions, given as log-probabilities over the last axis."""
+
+    def kl(target: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # KL(exp(target) || exp(log_q))
+        return F.kl_div(log_q, target, log_target=True, reduction="none").sum(-1)
+
+    def mixture(a: torch.Tensor, share: float, b: torch.Tensor) -> torch.Tensor:  # log(share·exp(a) + (1-share)·exp(b))
+        return torch.logaddexp(a + math.log(share), b + math.log1p(-share))
+
+    if divergence == "forward":
+        return kl(t_log, s_log)
+    if divergence == "reverse":
+        return kl(s_log, t_log)
+    if divergence == "skew_forward":
+        return kl(t_log, mixture(t_log, skew, s_log))
+    if divergence == "skew_reverse":
+        return kl(s_log, mixture(s_log, skew, t_log))
+    if divergence == "jsd":
+        m = mixture(t_log, beta, s_log)
+        return beta * kl(t_log, m) + (1 - beta) * kl(s_log, m)
+    raise ValueError(f"unknown divergence {divergence!r}")
 
 
 def _reduce(per: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor:
@@ -174,7 +212,9 @@ class StandardKD:
                 mask = mask & teacher_out.word_mask
             temperature = hints.resolve_temperature(student_out, teacher_out, self.settings.temperature)
             self.used_temperatures.append(float(torch.as_tensor(temperature, dtype=torch.float32).detach().mean()))
-            terms["kl"] = w["kl"] * kl_divergence(student_out.logits, teacher_out.logits, temperature, mask, weights)
+            s = self.settings
+            terms["kl"] = w["kl"] * kl_divergence(student_out.logits, teacher_out.logits, temperature, mask, weights,
+                                                  s.divergence, s.skew, s.jsd_beta)
         if w["mse"] or w["cosine"]:
             s_emb = student_out.embeddings
             if "embedding" in self.projections:

@@ -234,6 +234,9 @@ class MultiTeacher:
                 raise _err("fusion", f"teachers' embeddings have different sizes {widths}; they cannot be averaged")
         if s.fusion != "gate":
             return None
+        if task.output_field != "embeddings" and not task.named_labels:
+            raise _err("fusion", f"gate reads each teacher's distribution over the run's labels; the {task.name} task has none "
+                       "(use mean, weights, confidence, entropy or correctness)")
         if task.output_field == "embeddings":
             features = sum(int(t.config.hidden_size) for t in state.teachers)
         else:

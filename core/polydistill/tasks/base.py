@@ -23,10 +23,13 @@ class Task:
     :class:`~polydistill.ModelOutputs`.
 
     Plugins ask a task what it has (``state.task_def``): ``class_logits`` (outputs
-    hold class logits and batches gold class ids), ``word_level`` (texts are
-    lists of words, outputs are per word with a ``word_mask``) and ``output_field``
-    (the field that holds a model's final output: what the cache stores and
-    fusion averages).
+    hold logits over classes, or over the vocabulary, and batches gold ids),
+    ``named_labels`` (the classes are the run's ``labels``), ``word_level``
+    (outputs are per word or per target token, ``(B, W, ...)`` with a
+    ``word_mask``), ``text_is_words`` (texts are lists of words), ``per_token``
+    (positions are the student's tokens: teachers must read the same tokens)
+    and ``output_field`` (the field that holds a model's final output: what the
+    cache stores and fusion averages).
     """
 
     #: The config's ``task`` value and the entry point's name.
@@ -38,8 +41,13 @@ class Task:
     #: Architecture suffix of a checkpoint with this task's head (``"ForTokenClassification"``); None: no head.
     head: ClassVar[str | None] = None
     class_logits: ClassVar[bool] = False
+    named_labels: ClassVar[bool] = False
     word_level: ClassVar[bool] = False
+    text_is_words: ClassVar[bool] = False
+    per_token: ClassVar[bool] = False
     output_field: ClassVar[str] = "logits"
+    #: Why teacher outputs of this task are not cached; None: they are.
+    cache_refusal: ClassVar[str | None] = None
     #: The forward pass needs the per-layer hidden states (e.g. to pool the last one).
     needs_hidden_states: ClassVar[bool] = False
     #: Why mode 'parallel' cannot train this task; None: it can.
@@ -63,9 +71,16 @@ class Task:
 
         return getattr(transformers, self.auto_class)
 
+    def prepare_tokenizer(self, tokenizer: Any, role: str) -> Any:
+        """The tokenizer as the task needs it (e.g. with a padding token)."""
+        return tokenizer
+
+    def check_teachers(self, names: list[str], same_tokens: list[bool]) -> None:
+        """Refuse teachers the task cannot learn from (``same_tokens[i]``: teacher ``i`` reads the student's tokens)."""
+
     def label_config(self, labels: list[str] | None) -> dict[str, Any]:
-        """Model config fields that set ``labels`` (none for a task without class logits)."""
-        if not self.class_logits or not labels:
+        """Model config fields that set ``labels`` (none for a task without named labels)."""
+        if not self.named_labels or not labels:
             return {}
         return {
             "num_labels": len(labels),
@@ -79,13 +94,19 @@ class Task:
 
     # ------------------------------------------------------------------ data
 
+    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """A batch's texts for one model: its inputs, the positions outputs are read at ``(B, W)`` (-1:
+        none; None for sequence-level tasks) and labels that come from the text itself (None: from the label column)."""
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in tokenizer.model_input_names}, None, None
+
     def row_labels(self, value: Any) -> list[Any]:
         """The labels in one row's label cell."""
         return [value]
 
     def encode_labels(self, raw: list[Any], texts: list[Any], label_id: Callable[[Any], int]) -> torch.Tensor | None:
         """A batch's gold labels as ids (None for a task without labels)."""
-        if not self.class_logits:
+        if not self.named_labels:
             return None
         return torch.tensor([label_id(v) for v in raw], dtype=torch.long)
 

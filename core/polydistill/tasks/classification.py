@@ -18,6 +18,7 @@ class SequenceClassification(Task):
     auto_class = "AutoModelForSequenceClassification"
     head = "ForSequenceClassification"
     class_logits = True
+    named_labels = True
     primary_metric = "accuracy"
     eval_column = "label"
 

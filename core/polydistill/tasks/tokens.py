@@ -27,7 +27,9 @@ class TokenClassification(Task):
     auto_class = "AutoModelForTokenClassification"
     head = "ForTokenClassification"
     class_logits = True
+    named_labels = True
     word_level = True
+    text_is_words = True
     parallel_refusal = ("word i of a sentence is not word i of its translation. Distil tags on target-language text "
                         "in mode 'same' (teacher-student learning)")
     primary_metric = "token_accuracy"
@@ -37,6 +39,20 @@ class TokenClassification(Task):
         if words is None:
             raise ValueError("token classification needs word positions")
         result.logits, result.word_mask = gather_words(out.logits, words)
+
+    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, None]:
+        """Word lists for one model; each word is read at its first sub-word ``(B, W)``."""
+        enc = tokenizer(list(texts), is_split_into_words=True, truncation=True, max_length=max_length,
+                        padding=padding, return_tensors="pt")
+        width = max((len(t) for t in texts), default=0)
+        words = torch.full((len(texts), width), -1, dtype=torch.long)
+        for i in range(len(texts)):
+            last = None
+            for pos, w in enumerate(enc.word_ids(i)):
+                if w is not None and w != last:
+                    words[i, w] = pos
+                last = w
+        return {k: v for k, v in enc.items() if k in tokenizer.model_input_names}, words, None
 
     def row_labels(self, value: Any) -> list[Any]:
         return list(value or [])

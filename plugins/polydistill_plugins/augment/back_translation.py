@@ -76,7 +76,7 @@ class BackTranslation(_Augment):
 
     def prepare(self, state: Any) -> None:
         s = self.settings
-        if state.task_def.word_level:
+        if state.task_def.text_is_words:
             raise self.error("side", "back-translation changes the words of a sentence, so the word labels of "
                              f"{state.task} would no longer align; use synonym or code_switch instead")
         if self.parallel and s.side == "both":

@@ -1,0 +1,98 @@
+"""Causal language modelling: next-token distributions of a decoder-only LM (``AutoModelForCausalLM``).
+
+A text's targets are its next tokens: output ``j`` is the distribution the model
+gives token ``j + 1`` (``(B, W, V)`` over the vocabulary, with ``word_mask``), so
+the KD terms that work per word (``kd``'s ``kl`` and ``ce``) work per token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from polydistill.batch import ModelOutputs
+from polydistill.errors import ConfigError
+from polydistill.tasks.base import Predict, Task
+from polydistill.tasks.tokens import gather_words
+
+
+class CausalLM(Task):
+    name = "causal_lm"
+    description = "next-token distributions of a decoder-only language model (`AutoModelForCausalLM`)"
+    auto_class = "AutoModelForCausalLM"
+    class_logits = True
+    word_level = True
+    per_token = True
+    parallel_refusal = ("a language model's targets are the next tokens of the text it reads, and the teacher must read "
+                        "the same tokens; use mode 'same'")
+    cache_refusal = ("teacher outputs of causal_lm are a vocabulary-sized distribution per token (V floats each), "
+                     "which the teacher-output cache does not hold; the teachers run every step")
+    primary_metric = "next_token_accuracy"
+    eval_column = "text"
+
+    def prepare_tokenizer(self, tokenizer: Any, role: str) -> Any:
+        if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padded positions are never targets
+            if tokenizer.eos_token is None:
+                raise ConfigError(f"{role}: the tokenizer has neither a padding nor an end-of-text token; give one with a pad_token")
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def check_teachers(self, names: list[str], same_tokens: list[bool]) -> None:
+        other = [name for name, same in zip(names, same_tokens) if not same]
+        if other:
+            raise ConfigError(
+                f"teachers: causal_lm distils per-token distributions over one vocabulary, but {', '.join(other)} reads "
+                "other tokens than the student (another tokenizer); use teachers with the student's tokenizer, or a "
+                "student cut from the teacher (student.from_teacher)"
+            )
+
+    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Inputs, the position predicting each next token ``(B, W)``, and those tokens as labels (-100: none)."""
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        used = [row.nonzero().flatten() for row in mask]  # left or right padding alike
+        width = max((len(p) - 1 for p in used), default=0)
+        words = torch.full((len(texts), max(width, 0)), -1, dtype=torch.long)
+        labels = torch.full_like(words, -100)
+        for i, pos in enumerate(used):
+            n = len(pos) - 1
+            if n > 0:
+                words[i, :n] = pos[:-1]
+                labels[i, :n] = ids[i, pos[1:]]
+        return {k: v for k, v in enc.items() if k in tokenizer.model_input_names}, words, labels
+
+    def read_outputs(self, out: Any, result: ModelOutputs, words: torch.Tensor | None, pooling: str) -> None:
+        if words is None:
+            raise ValueError("causal_lm needs the positions of the next-token predictions")
+        result.logits, result.word_mask = gather_words(out.logits, words)
+
+    def evaluate(self, predict: Predict, dataset: Any, labels: list[str] | None, max_length: int) -> dict[str, Any]:
+        """Per language: how often the most likely token is the next one, perplexity and mean negative
+        log-likelihood of the next tokens; ``tokens``: how many were scored per language."""
+        langs = dataset["lang"]
+        nll: dict[str, float] = defaultdict(float)
+        hits: dict[str, int] = defaultdict(int)
+        count: dict[str, int] = defaultdict(int)
+        for batch, out in predict(dataset):
+            logp = F.log_softmax(out.logits.float(), dim=-1)
+            gold = batch.labels
+            keep = gold != -100
+            token_nll = -logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            right = logp.argmax(-1) == gold
+            for j, row in enumerate(batch.meta["index"]):
+                lang = langs[row]
+                nll[lang] += float(token_nll[j][keep[j]].sum())
+                hits[lang] += int(right[j][keep[j]].sum())
+                count[lang] += int(keep[j].sum())
+        per_lang = {}
+        for lang in sorted(count):
+            if not count[lang]:
+                continue  # texts of one token have no next token to score
+            mean = nll[lang] / count[lang]
+            per_lang[lang] = {"next_token_accuracy": hits[lang] / count[lang], "perplexity": math.exp(min(mean, 700.0)),
+                              "nll": mean}
+        return {"per_language": per_lang, "tokens": dict(sorted(count.items()))}

@@ -1,0 +1,183 @@
+"""The causal_lm task: next-token targets, the divergences of kd's kl term, distillation, evaluation, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import polydistill
+from polydistill import ConfigError
+from polydistill import models as M
+from polydistill.tasks import get_task
+from polydistill_plugins.kd import divergences, kl_divergence
+
+from conftest import TEXTS, StopAt, tiny_config
+
+TASK = "causal_lm"
+
+
+def lm_config(models, data, tmp_path, **overrides):
+    return tiny_config(models, data, tmp_path, TASK, **overrides)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_targets_are_each_texts_next_tokens_with_either_padding(models, side):
+    tok = M.load_tokenizer(str(models["lm"]), task=TASK)
+    tok.padding_side = side
+    texts = ["the soup is hot", "bread"]
+    inputs, positions, labels = get_task(TASK).encode(tok, texts, 32, "longest")
+    for i, text in enumerate(texts):
+        ids = tok(text)["input_ids"]  # [CLS] ... [SEP] with this tokenizer
+        keep = positions[i] >= 0
+        assert labels[i][keep].tolist() == ids[1:]  # every token after the first is a target
+        assert inputs["input_ids"][i][positions[i][keep]].tolist() == ids[:-1]  # read at the token before it
+        assert (labels[i][~keep] == -100).all()
+
+
+def test_a_tokenizer_without_padding_gets_its_end_of_text_token(models):
+    tok = M.load_tokenizer(str(models["lm"]))
+    tok.pad_token, tok.eos_token = None, "[SEP]"
+    assert get_task(TASK).prepare_tokenizer(tok, "teachers[0]").pad_token == "[SEP]"
+    tok.pad_token, tok.eos_token = None, None
+    with pytest.raises(ConfigError, match=r"teachers\[0\]: the tokenizer has neither a padding nor an end-of-text token"):
+        get_task(TASK).prepare_tokenizer(tok, "teachers[0]")
+
+
+# --------------------------------------------------------------------------- divergences
+
+
+def _probs(logits, t):
+    return F.softmax(logits / t, dim=-1)
+
+
+def _kl(p, q):
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "skew_forward", "skew_reverse", "jsd"])
+def test_each_divergence_matches_its_definition(divergence):
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    T, alpha, beta = 2.0, 0.3, 0.6
+    p, q = _probs(t, T), _probs(s, T)  # teacher p, student q
+    expected = {
+        "forward": _kl(p, q),
+        "reverse": _kl(q, p),
+        "skew_forward": _kl(p, alpha * p + (1 - alpha) * q),
+        "skew_reverse": _kl(q, (1 - alpha) * p + alpha * q),
+        "jsd": beta * _kl(p, beta * p + (1 - beta) * q) + (1 - beta) * _kl(q, beta * p + (1 - beta) * q),
+    }[divergence]
+    got = divergences(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), divergence, skew=alpha, beta=beta)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # the kl term: T² times the mean over the valid tokens, weighted by sample
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    w = torch.tensor([1.0, 2.0, 0.5])
+    term = kl_divergence(s, t, T, mask, w, divergence, alpha, beta)
+    per = expected * T**2 * mask * w[:, None]
+    assert term.item() == pytest.approx((per.sum() / (mask * w[:, None]).sum()).item(), rel=1e-5)
+
+
+def test_divergences_are_zero_for_equal_distributions_and_jsd_is_bounded():
+    x = torch.randn(4, 9)
+    for name in ("forward", "reverse", "skew_forward", "skew_reverse", "jsd"):
+        assert divergences(F.log_softmax(x, -1), F.log_softmax(x, -1), name).abs().max().item() < 1e-6
+    far = divergences(F.log_softmax(torch.tensor([[50.0, 0.0]]), -1), F.log_softmax(torch.tensor([[0.0, 50.0]]), -1), "jsd", beta=0.5)
+    assert far.item() <= math.log(2) + 1e-6  # the JSD is at most log 2
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _agreement(student_dir, teacher_dir, texts):
+    """Fraction of next tokens where the student's most likely token is the teacher's, and the mean KL(teacher || student)."""
+    tok = M.load_tokenizer(str(teacher_dir), task=TASK)
+    task = get_task(TASK)
+    inputs, positions, labels = task.encode(tok, texts, 64, "longest")
+    outs = []
+    for path in (student_dir, teacher_dir):
+        model = M.load_model(str(path), TASK).eval()
+        with torch.no_grad():
+            outs.append(M.forward(model, inputs, task, positions))
+    keep = outs[0].word_mask
+    s, t = outs[0].logits[keep], outs[1].logits[keep]
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    return float((s.argmax(-1) == t.argmax(-1)).float().mean()), float(kl)
+
+
+@pytest.fixture(scope="module")
+def trained_lm(models, data, tmp_path_factory):
+    """The tiny LM fine-tuned on the en/de sentences (no teacher: kd's ce on the next tokens)."""
+    out = tmp_path_factory.mktemp("trained-lm")
+    cfg = lm_config(models, data, out, training__epochs=15, training__learning_rate=3e-3, teachers=[])
+    cfg["student"] = {"model": str(models["lm"])}
+    return polydistill.train(cfg).student_dir
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_distilled_student_agrees_more_with_its_teacher(models, data, trained_lm, tmp_path, divergence):
+    cfg = lm_config(models, data, tmp_path, training__epochs=10, training__learning_rate=3e-3,
+                    plugins={"kd": {"temperature": 1.0, "divergence": divergence}})
+    cfg["teachers"] = [{"model": str(trained_lm), "name": "teacher"}]
+    cfg["student"] = {"config": {"base": str(models["lm"]), "n_layer": 2}}  # a fresh 2-layer GPT-2
+    before = polydistill.train({**cfg, "training": {**cfg["training"], "max_steps": 1, "learning_rate": 1e-9},
+                                "output_dir": str(tmp_path / "before")})
+    result = polydistill.train(cfg)
+    agree_before, kl_before = _agreement(before.student_dir, trained_lm, TEXTS)
+    agree_after, kl_after = _agreement(result.student_dir, trained_lm, TEXTS)
+    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)
+    assert agree_after > agree_before
+    de = result.metrics["per_language"]["de"]
+    assert set(de) == {"next_token_accuracy", "perplexity", "nll"} and de["perplexity"] == pytest.approx(math.exp(de["nll"]))
+    assert result.metrics["tokens"]["de"] > 0
+
+
+def test_without_a_teacher_the_language_model_is_fine_tuned_on_its_next_tokens(trained_lm):
+    """The fixture's run is the fine-tuning under test: its next-token loss falls."""
+    history = [r for r in _history(trained_lm) if "loss/ce" in r]
+    assert history[-1]["loss/ce"] < 0.7 * history[0]["loss/ce"]
+
+
+def _history(student_dir):
+    import json
+
+    return [json.loads(line) for line in (student_dir.parent / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_same_weights(models, data, tmp_path):
+    overrides = dict(training__epochs=2, data__batch_size=5)
+    straight = polydistill.train(lm_config(models, data, tmp_path / "a", **overrides))
+    cfg = lm_config(models, data, tmp_path / "b", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        polydistill.train(cfg, plugins=[("stop", StopAt(4))])
+    resumed = polydistill.train(cfg, resume=tmp_path / "b" / "run")
+    a, b = (load_file(str(r.output_dir / "student" / "model.safetensors")) for r in (straight, resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_refusals_name_the_field(models, data, tmp_path):
+    from polydistill.tiny import build_tiny_model, train_tokenizer
+
+    other = build_tiny_model(tmp_path / "other", TEXTS, task=TASK, tokenizer=train_tokenizer(TEXTS, vocab_size=120, lowercase=False))
+    cfg = lm_config(models, data, tmp_path, training__max_steps=1)
+    with pytest.raises(ConfigError, match=r"teachers: causal_lm distils per-token distributions over one vocabulary, but other "
+                                          r"reads other tokens than the student"):
+        polydistill.train({**cfg, "teachers": [{"model": str(other), "name": "other"}], "student": {"model": str(models["lm"])}})
+    with pytest.raises(ConfigError, match=r"mode 'parallel' does not work for causal_lm"):
+        polydistill.train({**cfg, "mode": "parallel"})
+    with pytest.raises(ConfigError, match=r"plugins\.kd\.skew: Input should be less than 1"):
+        polydistill.train({**cfg, "plugins": {"kd": {"skew": 1.0}}})
+
+
+def test_the_cache_is_not_used_and_says_why(models, data, tmp_path, capsys):
+    cfg = lm_config(models, data, tmp_path, training__max_steps=2, cache={"enabled": True, "dir": str(tmp_path / "cache")})
+    polydistill.train(cfg)
+    assert "cache.enabled: teacher outputs of causal_lm are a vocabulary-sized distribution per token" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()

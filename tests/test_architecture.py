@@ -101,7 +101,7 @@ def test_unknown_and_broken_tasks_are_config_errors(toy_task, models, data, tmp_
         get_task("not_a_task")
 
 
-_NAMES = ("sequence_classification", "token_classification", "embedding")
+_NAMES = ("sequence_classification", "token_classification", "embedding", "causal_lm", "seq2seq")
 
 
 def _task_name_comparisons(path: Path) -> list[str]:

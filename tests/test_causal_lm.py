@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import polydistill
 from polydistill import ConfigError
@@ -15,7 +14,7 @@ from polydistill import models as M
 from polydistill.tasks import get_task
 from polydistill_plugins.kd import divergences, kl_divergence
 
-from conftest import TEXTS, StopAt, tiny_config
+from conftest import PAIRS, TEXTS, tiny_config
 
 TASK = "causal_lm"
 
@@ -39,6 +38,34 @@ def test_targets_are_each_texts_next_tokens_with_either_padding(models, side):
         assert labels[i][keep].tolist() == ids[1:]  # every token after the first is a target
         assert inputs["input_ids"][i][positions[i][keep]].tolist() == ids[:-1]  # read at the token before it
         assert (labels[i][~keep] == -100).all()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_with_a_target_only_the_response_is_learned(models, side):
+    tok = M.load_tokenizer(str(models["lm"]), task=TASK)
+    tok.padding_side = side
+    prompts, answers = ["the soup is hot", "bread"], ["die suppe ist heiß", "brot"]
+    inputs, positions, labels = get_task(TASK).encode(tok, prompts, 32, "longest", answers)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        p = tok(prompt)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"]
+        keep = positions[i] >= 0
+        assert labels[i][keep].tolist() == a  # the response's tokens, not the prompt's
+        ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist()
+        assert ids == p + a  # prompt, then response (this tokenizer has no end-of-text token)
+        assert inputs["input_ids"][i][positions[i][keep]].tolist() == (p + a)[len(p) - 1 : -1]
+    # truncated: a prompt as long as max_length leaves no response to learn
+    _, positions, labels = get_task(TASK).encode(tok, ["the soup is hot and the bread is fresh"], 4, "longest", ["brot"])
+    assert positions.numel() == 0 or (labels == -100).all()
+
+
+def test_prompt_response_rows_train_through_columns_target(models, data, tmp_path):
+    cfg = lm_config(models, data, tmp_path, training__max_steps=3)
+    cfg["data"] = {"train": {"path": str(data["parallel"]), "columns": {"text": "en", "target": "de", "lang": "lang"}},
+                   "eval": {"path": str(data["parallel"]), "columns": {"text": "en", "target": "de", "lang": "lang"}}, "batch_size": 4}
+    result = polydistill.train(cfg)
+    assert result.metrics["tokens"]["de"] == sum(len(M.load_tokenizer(str(models["lm"]))(de, add_special_tokens=False)["input_ids"])
+                                                 for _, de, _ in PAIRS)
 
 
 def test_a_tokenizer_without_padding_gets_its_end_of_text_token(models):
@@ -148,18 +175,6 @@ def _history(student_dir):
     import json
 
     return [json.loads(line) for line in (student_dir.parent / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_resume_gives_the_same_weights(models, data, tmp_path):
-    overrides = dict(training__epochs=2, data__batch_size=5)
-    straight = polydistill.train(lm_config(models, data, tmp_path / "a", **overrides))
-    cfg = lm_config(models, data, tmp_path / "b", **overrides)
-    with pytest.raises(KeyboardInterrupt):
-        polydistill.train(cfg, plugins=[("stop", StopAt(4))])
-    resumed = polydistill.train(cfg, resume=tmp_path / "b" / "run")
-    a, b = (load_file(str(r.output_dir / "student" / "model.safetensors")) for r in (straight, resumed))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 def test_refusals_name_the_field(models, data, tmp_path):

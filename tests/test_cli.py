@@ -55,8 +55,8 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     path.write_text("task: embeding\nstudent: {model: m}\ndata: {train: {path: x.jsonl}}\n")
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert ("task: unknown task (did you mean 'embedding'?); installed tasks: causal_lm, embedding, sequence_classification, "
-            "token_classification (a package adds one under the entry-point group 'polydistill.tasks') (got 'embeding')") in err
+    assert "task: unknown task (did you mean 'embedding'?); installed tasks: causal_lm, embedding, " in err
+    assert "(a package adds one under the entry-point group 'polydistill.tasks') (got 'embeding')" in err
 
 
 def test_missing_data_file_is_named(models, data, tmp_path, capsys):

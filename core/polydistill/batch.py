@@ -107,6 +107,8 @@ class Batch:
     meta: dict[str, Any] = field(default_factory=dict)
     encoder: Callable[..., Batch] | None = field(default=None, repr=False, compare=False)
     hints: LossHints = field(default_factory=LossHints)
+    #: Generative tasks: the text each example learns to produce (``columns.target``), else None.
+    targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.teacher_words:
@@ -124,7 +126,7 @@ class Batch:
         moved = {
             f.name: _to(getattr(self, f.name), device, non_blocking)
             for f in dataclasses.fields(self)
-            if f.name not in ("encoder", "texts", "teacher_texts", "langs", "meta", "hints")
+            if f.name not in ("encoder", "texts", "teacher_texts", "langs", "meta", "hints", "targets")
         }
         shared = [t is self.student_inputs for t in self.teacher_inputs]
         moved["teacher_inputs"] = [
@@ -159,7 +161,7 @@ class Batch:
             for i, (old, new) in enumerate(zip(self.texts, new_texts)):
                 if isinstance(old, (list, tuple)) and len(old) != len(new):
                     raise ValueError(f"replace_texts: row {i} has {len(new)} words instead of {len(old)}; token labels would no longer align")
-        batch = self.encoder(new_texts, new_teacher, self.langs, self.labels, {**self.meta, **meta})
+        batch = self.encoder(new_texts, new_teacher, self.langs, self.labels, {**self.meta, **meta}, self.targets)
         batch.hints = self.hints
         return batch.to(self.device)
 

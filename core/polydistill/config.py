@@ -143,6 +143,7 @@ class Columns(StrictModel):
     source: str | None = Field(None, description='Column the teachers read in `parallel` mode (source language); required on every training source in that mode. For embedding evaluation, the other side of each pair.')
     label: str | None = Field(None, description='Gold label: a class name from `labels` or an integer id; for token tasks a list of tags (names or ids), one per word.')
     lang: str | None = Field(None, description="Column holding each row's language tag; else the source's `lang`.")
+    target: str | None = Field(None, description='Generative tasks: the text the model learns to produce: the translation (`seq2seq`), or the response to the prompt in `text` (`causal_lm`, whose loss is then on the response only).')
 
 
 class DataSource(StrictModel):
@@ -225,6 +226,14 @@ class TrainingConfig(StrictModel):
     progress: bool = Field(True, description='Show a progress bar.')
 
 
+class GenerationConfig(StrictModel):
+    """How generative tasks decode when they are evaluated (seq2seq)."""
+
+    num_beams: int = Field(4, ge=1, description='Beam width of evaluation decoding (1: greedy).')
+    max_new_tokens: int = Field(128, ge=1, description='Most tokens generated per text.')
+    bleu_tokenize: Literal["13a", "intl", "zh", "char", "none"] = Field("13a", description="sacrebleu's BLEU tokenizer (its signature is reported with the scores): 13a is sacrebleu's default; zh or char for languages written without spaces.")
+
+
 class CacheConfig(StrictModel):
     """Teacher-output cache: teacher logits/embeddings stored on disk by input text."""
 
@@ -251,6 +260,7 @@ class Config(StrictModel):
         description='Plugins to enable, in order. See [plugins](#plugins).',
     )
     cache: CacheConfig = Field(default_factory=CacheConfig, description='Teacher-output cache.')
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description='Decoding for the evaluation of generative tasks.')
     output_dir: str = Field("runs/polydistill", description='The run directory; `polydistill train --output-dir` overrides it.')
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = Field(
         default_factory=list, description="Experiment trackers, through accelerate (logging directory: `output_dir`). The tracker's package must be installed (`pip install polydistill[tracking]` adds tensorboard)."
@@ -290,9 +300,11 @@ class Config(StrictModel):
             )
         from polydistill.tasks import get_task
 
-        refusal = get_task(self.task).parallel_refusal
-        if self.mode == "parallel" and refusal:
-            raise ValueError(f"mode 'parallel' does not work for {self.task}: {refusal}")
+        task = get_task(self.task)
+        if self.mode == "parallel" and task.parallel_refusal:
+            raise ValueError(f"mode 'parallel' does not work for {self.task}: {task.parallel_refusal}")
+        if self.student.from_teacher is not None and task.cut_refusal:
+            raise ValueError(f"student.from_teacher does not work for {self.task}: {task.cut_refusal}")
         if self.mode == "parallel":
             missing = [i for i, s in enumerate(self.data.train) if s.columns.source is None]
             if missing:

@@ -187,13 +187,14 @@ def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:
     tasks, lists of words) and language tags as strings, no nulls, as many tags as words."""
     cols = source.columns
     words = get_task(task).text_is_words
-    roles = {"text": cols.text, "source": cols.source, "lang": cols.lang}
+    roles = {"text": cols.text, "source": cols.source, "lang": cols.lang, "target": cols.target}
     for role, column in roles.items():
         if column is None or role not in ds.column_names:
             continue
-        expect = "a list of words (strings)" if words and role != "lang" else "a string"
+        listed = words and role in ("text", "source")
+        expect = "a list of words (strings)" if listed else "a string"
         for n, value in enumerate(ds[role]):
-            if words and role != "lang":
+            if listed:
                 good = isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value)
             else:
                 good = isinstance(value, str)
@@ -233,7 +234,7 @@ def normalise(ds: Any, source: DataSource, where: str) -> Any:
     """Keep and rename the mapped columns to text/source/label/lang; apply filter and limit."""
     cols = source.columns
     names = list(ds.column_names or [])
-    wanted = {"text": cols.text, "source": cols.source, "label": cols.label, "lang": cols.lang}
+    wanted = {"text": cols.text, "source": cols.source, "label": cols.label, "lang": cols.lang, "target": cols.target}
     for role, col in wanted.items():
         if col is not None and names and col not in names:
             raise DataError(f"data {where}: column '{col}' (columns.{role}) not found; columns are: {', '.join(names)}")
@@ -348,7 +349,7 @@ class Collator:
         teacher_texts = rows["source"] if self.parallel else texts
         labels = self.encode_labels(rows.get("label"), texts) if "label" in rows else None
         meta = {"index": rows["__index__"]} if "__index__" in rows else {}
-        return self.encode(texts, teacher_texts, rows["lang"], labels, meta)
+        return self.encode(texts, teacher_texts, rows["lang"], labels, meta, rows.get("target"))
 
     def encode_labels(self, raw: list[Any] | None, texts: list[Any]) -> torch.Tensor | None:
         if raw is None:
@@ -372,12 +373,16 @@ class Collator:
                 expect = "a list of words (strings)" if self.words else "a string"
                 raise DataError(f"data.train: a row's text (columns.text, or columns.source) is {shown}; expected {expect}")
 
-    def _encode_one(self, tokenizer: Any, texts: list[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    def _encode_one(self, tokenizer: Any, texts: list[Any], targets: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         self._check_texts(texts)
-        return self.task.encode(tokenizer, texts, self.max_length, self.padding)
+        if targets is not None and not all(isinstance(t, str) for t in targets):
+            bad = next(t for t in targets if not isinstance(t, str))
+            raise DataError(f"data.train: a row's target (columns.target) is {'null' if bad is None else type(bad).__name__}; expected a string")
+        return self.task.encode(tokenizer, texts, self.max_length, self.padding, targets)
 
-    def encode(self, texts: list[Any], teacher_texts: list[Any], langs: list[str], labels: torch.Tensor | None, meta: dict[str, Any]) -> Batch:
-        student_inputs, student_words, from_text = self._encode_one(self.student_tokenizer, texts)
+    def encode(self, texts: list[Any], teacher_texts: list[Any], langs: list[str], labels: torch.Tensor | None, meta: dict[str, Any],
+               targets: list[str] | None = None) -> Batch:
+        student_inputs, student_words, from_text = self._encode_one(self.student_tokenizer, texts, targets)
         if from_text is not None:  # the task's labels come from the text (a language model's next tokens)
             labels = from_text
         teacher_inputs, teacher_words = [], []
@@ -389,7 +394,7 @@ class Collator:
                 continue
             key = id(tok)
             if key not in cache:
-                cache[key] = self._encode_one(tok or self.student_tokenizer, teacher_texts)
+                cache[key] = self._encode_one(tok or self.student_tokenizer, teacher_texts, targets)
             teacher_inputs.append(cache[key][0])
             teacher_words.append(cache[key][1])
         if labels is not None and student_words is not None:
@@ -408,6 +413,7 @@ class Collator:
             teacher_words=teacher_words,
             meta=meta,
             encoder=self.encode,
+            targets=None if targets is None else list(targets),
         )
 
     def lengths(self, texts: list[Any], chunk: int = 4096) -> np.ndarray:

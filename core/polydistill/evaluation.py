@@ -13,6 +13,39 @@ from polydistill.models import forward
 from polydistill.tasks import Task, get_task
 
 
+class _Predictor:
+    """:class:`~polydistill.tasks.base.Predict` for one model: forward passes and decoding in batches."""
+
+    def __init__(self, model: Any, tokenizer: Any, collator: Collator, task: Task, batch_size: int, pooling: str,
+                 device: Any, generation: dict[str, Any], progress: bool):
+        self.model, self.tokenizer, self.collator, self.task = model, tokenizer, collator, task
+        self.batch_size, self.pooling, self.device = batch_size, pooling, device
+        self.generation, self.progress = generation, progress
+
+    def _batches(self, ds: Any, what: str) -> Iterable[Batch]:
+        loader = Loader(ds, self.collator, self.batch_size, seed=0, shuffle=False, group=True)
+        if not self.progress:
+            return loader.iterate()
+        from tqdm.auto import tqdm
+
+        return tqdm(loader.iterate(), total=len(loader), desc=what, unit="batch", dynamic_ncols=True, leave=False)
+
+    def __call__(self, ds: Any) -> Iterable[tuple[Batch, ModelOutputs]]:
+        for batch in self._batches(ds, "eval"):
+            batch = batch.to(self.device)
+            yield batch, forward(self.model, batch.student_inputs, self.task, batch.student_words, self.pooling)
+
+    def generate(self, ds: Any) -> Iterable[tuple[Batch, list[str]]]:
+        settings = {k: v for k, v in self.generation.items() if k in ("num_beams", "max_new_tokens")}
+        for batch in self._batches(ds, "decode"):
+            batch = batch.to(self.device)
+            inputs = {k: v for k, v in batch.student_inputs.items() if k in ("input_ids", "attention_mask")}
+            out = self.model.generate(**inputs, **settings, do_sample=False)
+            if not self.model.config.is_encoder_decoder:  # a decoder-only model continues its input
+                out = out[:, inputs["input_ids"].size(1):]
+            yield batch, self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -24,27 +57,29 @@ def evaluate_model(
     batch_size: int = 64,
     pooling: str = "mean",
     device: Any = None,
+    generation: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Score ``model`` on ``dataset`` (normalised columns text/source/label/lang).
+    """Score ``model`` on ``dataset`` (normalised columns text/source/label/lang/target).
 
     Returns ``{"per_language": {lang: {metric: value}}, "average": {...}, "num_examples": n}``
     and what the task adds (token tasks: ``"truncated_words": {lang: n}``, words past
     ``max_length``, which have no prediction and are left out of the metrics, with a warning).
     Classification: accuracy and macro-F1; token tasks: token accuracy/F1 and
     entity F1 for BIO tags; embeddings: Tatoeba-style retrieval accuracy in
-    both directions between the ``source`` and ``text`` columns.
+    both directions between the ``source`` and ``text`` columns; generative tasks
+    their own (``polydistill.tasks``), decoding with ``generation`` (``config.generation``'s
+    fields) and, with ``progress``, a progress bar per pass.
     """
+    from polydistill.config import GenerationConfig
+
     task = get_task(task)
     device = device if device is not None else next(model.parameters()).device
     if task.eval_column not in dataset.column_names:
         raise ValueError(f"{task.name} evaluation needs columns.{task.eval_column}: {task.eval_column_why}")
     collator = Collator(task, tokenizer, [], max_length, "longest", labels)
-
-    def predict(ds: Any) -> Iterable[tuple[Batch, ModelOutputs]]:
-        for batch in Loader(ds, collator, batch_size, seed=0, shuffle=False, group=True).iterate():
-            batch = batch.to(device)
-            yield batch, forward(model, batch.student_inputs, task, batch.student_words, pooling)
-
+    settings = GenerationConfig.model_validate(generation or {}).model_dump()
+    predict = _Predictor(model, tokenizer, collator, task, batch_size, pooling, device, settings, progress)
     was_training = model.training
     model.eval()
     try:

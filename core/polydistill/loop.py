@@ -381,6 +381,7 @@ class Trainer:
         metrics = evaluate_model(
             state.unwrapped_student(), state.student_tokenizer, self.eval_data, self.config.task, state.labels,
             dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, self.config.pooling, state.device,
+            self.config.generation.model_dump(), self.config.training.progress and self.accelerator.is_local_main_process,
         )
         extra = self.host.run("on_evaluate", state=state, metrics=metrics)
         if extra:

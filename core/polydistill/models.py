@@ -217,8 +217,8 @@ def forward(
         return_dict=True,
     )
     result = ModelOutputs(
-        hidden_states=tuple(out.hidden_states) if hidden_states and out.hidden_states is not None else None,
-        attentions=tuple(out.attentions) if attentions and out.attentions is not None else None,
+        hidden_states=tuple(out.hidden_states) if hidden_states and getattr(out, "hidden_states", None) is not None else None,
+        attentions=tuple(out.attentions) if attentions and getattr(out, "attentions", None) is not None else None,
         mask=inputs.get("attention_mask"),
     )
     task.read_outputs(out, result, words, pooling)

@@ -93,7 +93,8 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     ``teacher`` (4 layers), ``teacher2`` and ``wide`` (hidden size 48) classify
     ``LABELS``; ``embed`` is a bare encoder; ``tagger`` tags ``TAGS``;
     ``other_tok`` classifies with another vocabulary (a student that
-    tokenizes differently); ``lm`` is a 4-layer GPT-2 language model. All but
+    tokenizes differently); ``lm`` is a 4-layer GPT-2 language model, ``mt`` a
+    2+2-layer Marian translation model. All but
     ``other_tok`` share one tokenizer.
     Heads are random: use ``tiny_trained_teacher`` for a teacher that knows
     the labels.
@@ -113,6 +114,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
         "other_tok": build_tiny_model(root / "other_tok", TEXTS, tokenizer=train_tokenizer(TEXTS, vocab_size=120, lowercase=False),
                                       id2label=id2label, num_layers=2, seed=6),
         "lm": build_tiny_model(root / "lm", TEXTS, task="causal_lm", tokenizer=tok, num_layers=4, seed=7),
+        "mt": build_tiny_model(root / "mt", TEXTS, task="seq2seq", tokenizer=tok, num_layers=2, seed=8),
     }
 
 
@@ -161,15 +163,22 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
                                  {"path": str(data["tokens"]), "columns": {"text": "words", "label": "tags", "lang": "lang"}}),
         "causal_lm": ("lm", "same", {"path": str(data["eval"]), "columns": {"text": "text", "lang": "lang"}},
                       {"path": str(data["eval"]), "columns": {"text": "text", "lang": "lang"}}),
+        "seq2seq": ("mt", "same", translate := {"path": str(data["parallel"]), "columns": {"text": "en", "target": "de", "lang": "lang"}},
+                    translate),
     }
     if task not in runs:
         raise ValueError(f"unknown task {task!r}; tiny_config has runs for {', '.join(sorted(runs))}")
     teacher, mode, train, evaluation = runs[task]
+    student: dict[str, Any] = {"from_teacher": {"layers": [0, 1] if teacher != "teacher" else [0, 2]}}
+    from polydistill.tasks import get_task
+
+    if get_task(task).cut_refusal:  # an encoder-decoder student is built from a config, with one layer per stack
+        student = {"config": {"base": str(models[teacher]), "encoder_layers": 1, "decoder_layers": 1}}
     cfg: dict[str, Any] = {
         "task": task,
         "mode": mode,
         "teachers": [{"model": str(models[teacher]), "name": "teacher"}],
-        "student": {"from_teacher": {"layers": [0, 1] if teacher != "teacher" else [0, 2]}},
+        "student": student,
         "data": {"train": train, "eval": evaluation, "batch_size": 4},
         "training": {"epochs": 1, "learning_rate": 1e-3, "progress": False, "log_every": 1, "seed": 3},
         "output_dir": str(Path(tmp_path) / "run"),

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import (
     BertConfig,
     GPT2Config,
+    MarianConfig,
     BertTokenizerFast,
     PreTrainedTokenizerFast,
 )
@@ -37,6 +38,7 @@ from transformers import (
 __all__ = [
     "SPECIAL_TOKENS",
     "tiny_gpt2_config",
+    "tiny_marian_config",
     "build_tiny_model",
     "tiny_bert_config",
     "train_tokenizer",
@@ -184,6 +186,18 @@ def tiny_gpt2_config(vocab_size: int, **kwargs: Any) -> GPT2Config:
                       n_inner=bert.intermediate_size, n_positions=bert.max_position_embeddings, **kwargs)
 
 
+def tiny_marian_config(vocab_size: int, **kwargs: Any) -> MarianConfig:
+    """Return a small ``MarianConfig`` (an encoder-decoder translation model) with ``num_layers`` in each stack
+    and the sizes of :func:`tiny_bert_config`."""
+    sizes = {k: kwargs.pop(k) for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings") if k in kwargs}
+    bert = tiny_bert_config(vocab_size, **sizes)
+    kwargs.setdefault("attn_implementation", "eager")
+    return MarianConfig(vocab_size=vocab_size, d_model=bert.hidden_size, encoder_layers=bert.num_hidden_layers,
+                        decoder_layers=bert.num_hidden_layers, encoder_attention_heads=bert.num_attention_heads,
+                        decoder_attention_heads=bert.num_attention_heads, encoder_ffn_dim=bert.intermediate_size,
+                        decoder_ffn_dim=bert.intermediate_size, max_position_embeddings=bert.max_position_embeddings, **kwargs)
+
+
 def _label_kwargs(num_labels: int, id2label: dict | None) -> dict[str, Any]:
     if id2label is None:
         if num_labels < 1:
@@ -253,10 +267,12 @@ def build_tiny_model(
     if spec.named_labels:
         config_kwargs.update(_label_kwargs(num_labels, id2label))
     config_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    build = tiny_gpt2_config if spec.auto_class == "AutoModelForCausalLM" else tiny_bert_config
-    if build is tiny_gpt2_config:  # GPT-2's own defaults (50256) lie outside a tiny vocabulary
+    build = {"AutoModelForCausalLM": tiny_gpt2_config, "AutoModelForSeq2SeqLM": tiny_marian_config}.get(spec.auto_class, tiny_bert_config)
+    if build is not tiny_bert_config:  # their own defaults lie outside a tiny vocabulary
         config_kwargs.setdefault("bos_token_id", tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.pad_token_id)
         config_kwargs.setdefault("eos_token_id", tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.pad_token_id)
+    if build is tiny_marian_config:
+        config_kwargs.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
     config = build(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, **config_kwargs)
 
     with torch.random.fork_rng(devices=[]):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 import numpy as np
 import torch
 
 from polydistill.batch import Batch, ModelOutputs
+from polydistill.errors import ConfigError
 
-#: ``predict(dataset)``: the evaluated model's (batch, outputs) over ``dataset`` in batches.
-Predict = Callable[[Any], Iterable[tuple[Batch, ModelOutputs]]]
+class Predict(Protocol):
+    """The evaluated model, over a dataset in batches: ``predict(dataset)`` gives (batch, outputs) of its
+    forward pass; ``predict.generate(dataset)`` (batch, generated texts) with ``config.generation``'s decoding."""
+
+    def __call__(self, dataset: Any) -> Iterable[tuple[Batch, ModelOutputs]]: ...
+
+    def generate(self, dataset: Any) -> Iterable[tuple[Batch, list[str]]]: ...
 
 
 class Task:
@@ -46,10 +52,14 @@ class Task:
     text_is_words: ClassVar[bool] = False
     per_token: ClassVar[bool] = False
     output_field: ClassVar[str] = "logits"
+    #: Whether the task reads ``columns.target`` (the text a generative model produces): "no", "optional", "required".
+    reads_target: ClassVar[str] = "no"
     #: Why teacher outputs of this task are not cached; None: they are.
     cache_refusal: ClassVar[str | None] = None
     #: The forward pass needs the per-layer hidden states (e.g. to pool the last one).
     needs_hidden_states: ClassVar[bool] = False
+    #: Why ``student.from_teacher`` cannot cut this task's models; None: it can.
+    cut_refusal: ClassVar[str | None] = None
     #: Why mode 'parallel' cannot train this task; None: it can.
     parallel_refusal: ClassVar[str | None] = None
     #: The metric tables show first.
@@ -76,7 +86,17 @@ class Task:
         return tokenizer
 
     def check_teachers(self, names: list[str], same_tokens: list[bool]) -> None:
-        """Refuse teachers the task cannot learn from (``same_tokens[i]``: teacher ``i`` reads the student's tokens)."""
+        """Refuse teachers the task cannot learn from (``same_tokens[i]``: teacher ``i`` reads the student's tokens).
+
+        A ``per_token`` task refuses teachers that read other tokens.
+        """
+        other = [name for name, same in zip(names, same_tokens) if not same]
+        if self.per_token and other:
+            raise ConfigError(
+                f"teachers: {self.name} distils per-token distributions over one vocabulary, but {', '.join(other)} reads "
+                "other tokens than the student (another tokenizer); use teachers with the student's tokenizer, or a "
+                "student built from the teacher (student.config with base: the teacher, or student.from_teacher)"
+            )
 
     def label_config(self, labels: list[str] | None) -> dict[str, Any]:
         """Model config fields that set ``labels`` (none for a task without named labels)."""
@@ -94,9 +114,11 @@ class Task:
 
     # ------------------------------------------------------------------ data
 
-    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-        """A batch's texts for one model: its inputs, the positions outputs are read at ``(B, W)`` (-1:
-        none; None for sequence-level tasks) and labels that come from the text itself (None: from the label column)."""
+    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str,
+               targets: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """A batch's texts (and ``targets``, generative tasks) for one model: its inputs, the positions outputs
+        are read at ``(B, W)`` (-1: none; None for sequence-level tasks) and labels that come from the text
+        itself (None: from the label column)."""
         enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in tokenizer.model_input_names}, None, None
 

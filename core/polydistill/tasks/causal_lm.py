@@ -33,6 +33,7 @@ class CausalLM(Task):
                      "which the teacher-output cache does not hold; the teachers run every step")
     primary_metric = "next_token_accuracy"
     eval_column = "text"
+    reads_target = "optional"
 
     def prepare_tokenizer(self, tokenizer: Any, role: str) -> Any:
         if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padded positions are never targets
@@ -41,28 +42,34 @@ class CausalLM(Task):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def check_teachers(self, names: list[str], same_tokens: list[bool]) -> None:
-        other = [name for name, same in zip(names, same_tokens) if not same]
-        if other:
-            raise ConfigError(
-                f"teachers: causal_lm distils per-token distributions over one vocabulary, but {', '.join(other)} reads "
-                "other tokens than the student (another tokenizer); use teachers with the student's tokenizer, or a "
-                "student cut from the teacher (student.from_teacher)"
-            )
+    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str,
+               targets: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Inputs, the position predicting each target token ``(B, W)``, and those tokens as labels (-100: none).
 
-    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Inputs, the position predicting each next token ``(B, W)``, and those tokens as labels (-100: none)."""
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
+        Without ``targets`` every next token of a text is a target; with them, a
+        text is a prompt followed by its target (the response), and only the
+        response's tokens (and the end-of-text token) are.
+        """
+        if targets is None:
+            enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
+            first = [1] * len(texts)  # the first token has no prediction
+        else:
+            prompts = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+            end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            answers = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+            rows = [(p + a + end)[:max_length] for p, a in zip(prompts, answers)]
+            first = [max(len(p), 1) for p in prompts]
+            enc = tokenizer.pad({"input_ids": rows}, padding=padding, max_length=max_length, return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
         used = [row.nonzero().flatten() for row in mask]  # left or right padding alike
-        width = max((len(p) - 1 for p in used), default=0)
-        words = torch.full((len(texts), max(width, 0)), -1, dtype=torch.long)
+        spans = [pos[f:] for pos, f in zip(used, first)]  # positions of the target tokens
+        width = max((len(s) for s in spans), default=0)
+        words = torch.full((len(texts), width), -1, dtype=torch.long)
         labels = torch.full_like(words, -100)
-        for i, pos in enumerate(used):
-            n = len(pos) - 1
-            if n > 0:
-                words[i, :n] = pos[:-1]
-                labels[i, :n] = ids[i, pos[1:]]
+        for i, span in enumerate(spans):
+            if len(span):
+                words[i, : len(span)] = span - 1  # each target is predicted at the token before it
+                labels[i, : len(span)] = ids[i, span]
         return {k: v for k, v in enc.items() if k in tokenizer.model_input_names}, words, labels
 
     def read_outputs(self, out: Any, result: ModelOutputs, words: torch.Tensor | None, pooling: str) -> None:

@@ -40,7 +40,8 @@ class TokenClassification(Task):
             raise ValueError("token classification needs word positions")
         result.logits, result.word_mask = gather_words(out.logits, words)
 
-    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, None]:
+    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str,
+               targets: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, None]:
         """Word lists for one model; each word is read at its first sub-word ``(B, W)``."""
         enc = tokenizer(list(texts), is_split_into_words=True, truncation=True, max_length=max_length,
                         padding=padding, return_tensors="pt")

@@ -1,0 +1,90 @@
+"""The seq2seq task: targets, word-level KD per target token, BLEU/chrF evaluation, resume, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import polydistill
+from polydistill import ConfigError
+from polydistill import models as M
+from polydistill.tasks import get_task
+
+from conftest import PAIRS, tiny_config
+
+TASK = "seq2seq"
+
+
+def mt_config(models, data, tmp_path, **overrides):
+    return tiny_config(models, data, tmp_path, TASK, **overrides)
+
+
+def test_targets_are_read_at_their_decoder_positions(models):
+    tok = M.load_tokenizer(str(models["mt"]), task=TASK)
+    inputs, positions, labels = get_task(TASK).encode(tok, ["the soup is hot", "bread"], 32, "longest", ["die suppe ist heiß", "brot"])
+    for i, target in enumerate(["die suppe ist heiß", "brot"]):
+        ids = tok(text_target=target)["input_ids"]
+        assert labels[i][: len(ids)].tolist() == ids and (labels[i][len(ids):] == -100).all()
+        assert positions[i][: len(ids)].tolist() == list(range(len(ids)))
+    assert torch.equal(inputs["labels"], labels)  # the model shifts them into its decoder inputs
+    model = M.load_model(str(models["mt"]), TASK).eval()
+    out = M.forward(model, inputs, TASK, positions)
+    assert out.logits.shape[:2] == labels.shape and torch.equal(out.word_mask, labels != -100)
+
+
+@pytest.fixture(scope="module")
+def trained_mt(models, data, tmp_path_factory):
+    """The tiny Marian model trained on en -> de (no teacher: next-token cross-entropy on the references)."""
+    out = tmp_path_factory.mktemp("trained-mt")
+    cfg = mt_config(models, data, out, training__epochs=60, training__learning_rate=1e-2, training__warmup_ratio=0.0,
+                    teachers=[], generation={"num_beams": 1, "max_new_tokens": 12})
+    cfg["student"] = {"config": {"base": str(models["mt"]), "dropout": 0.0}}
+    return polydistill.train(cfg)
+
+
+def test_a_translation_model_trains_and_is_scored_by_bleu_and_chrf(trained_mt):
+    de = trained_mt.metrics["per_language"]["de"]
+    assert set(de) == {"bleu", "chrf"}
+    assert de["chrf"] > 10 and de["bleu"] > 0  # an untrained model scores 0: the references' words come back
+    sig = trained_mt.metrics["signature"]
+    assert "tok:13a" in sig["bleu"] and sig["chrf"].startswith("nrefs:1")
+
+
+def _kl_to(student_dir, teacher_dir, tok_dir):
+    task = get_task(TASK)
+    tok = M.load_tokenizer(str(tok_dir), task=TASK)
+    inputs, positions, _ = task.encode(tok, [en for en, _, _ in PAIRS], 32, "longest", [de for _, de, _ in PAIRS])
+    outs = []
+    for path in (student_dir, teacher_dir):
+        with torch.no_grad():
+            outs.append(M.forward(M.load_model(str(path), TASK).eval(), inputs, task, positions))
+    keep = outs[0].word_mask
+    return float(F.kl_div(F.log_softmax(outs[0].logits[keep], -1), F.log_softmax(outs[1].logits[keep], -1),
+                          log_target=True, reduction="batchmean"))
+
+
+@pytest.mark.parametrize("divergence", ["forward", "skew_reverse"])
+def test_word_level_kd_brings_a_smaller_student_to_its_teacher(models, data, trained_mt, tmp_path, divergence):
+    teacher = trained_mt.student_dir
+    cfg = mt_config(models, data, tmp_path, training__epochs=30, training__learning_rate=1e-2, training__warmup_ratio=0.0,
+                    plugins={"kd": {"temperature": 1.0, "divergence": divergence}}, generation={"num_beams": 1, "max_new_tokens": 12})
+    cfg["teachers"] = [{"model": str(teacher), "name": "teacher"}]
+    cfg["student"] = {"config": {"base": str(teacher), "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0}}
+    before = polydistill.train({**cfg, "training": {**cfg["training"], "max_steps": 1, "learning_rate": 1e-9},
+                                "output_dir": str(tmp_path / "before")})
+    result = polydistill.train(cfg)
+    kl_before, kl_after = _kl_to(before.student_dir, teacher, teacher), _kl_to(result.student_dir, teacher, teacher)
+    assert kl_after < 0.5 * kl_before, (kl_before, kl_after)
+    assert result.metrics["per_language"]["de"]["chrf"] > before.metrics["per_language"]["de"]["chrf"]
+
+
+def test_refusals_name_the_field(models, data, tmp_path):
+    cfg = mt_config(models, data, tmp_path, training__max_steps=1)
+    with pytest.raises(ConfigError, match=r"data\.train\[0\]\.columns\.target: task seq2seq learns to produce a target text"):
+        polydistill.train({**cfg, "data": {**cfg["data"], "train": {"path": cfg["data"]["train"]["path"], "columns": {"text": "en"}}}})
+    with pytest.raises(ConfigError, match=r"student\.from_teacher does not work for seq2seq: .*give student\.config"):
+        polydistill.train({**cfg, "student": {"from_teacher": {"layers": [0]}}})
+    with pytest.raises(ConfigError, match=r"data\.train\[0\]\.columns\.target: task sequence_classification reads no target text"):
+        polydistill.train({**tiny_config(models, data, tmp_path, training__max_steps=1),
+                           "data": {"train": {"path": cfg["data"]["train"]["path"], "columns": {"text": "de", "source": "en", "target": "de"}}}})

@@ -83,8 +83,25 @@ def test_refusals_name_the_field(models, data, tmp_path):
     cfg = mt_config(models, data, tmp_path, training__max_steps=1)
     with pytest.raises(ConfigError, match=r"data\.train\[0\]\.columns\.target: task seq2seq learns to produce a target text"):
         polydistill.train({**cfg, "data": {**cfg["data"], "train": {"path": cfg["data"]["train"]["path"], "columns": {"text": "en"}}}})
-    with pytest.raises(ConfigError, match=r"student\.from_teacher does not work for seq2seq: .*give student\.config"):
-        polydistill.train({**cfg, "student": {"from_teacher": {"layers": [0]}}})
+    with pytest.raises(ConfigError, match=r"student\.from_teacher\.decoder_layers: \[5\] out of range, the teacher has 2 layers"):
+        polydistill.train({**cfg, "student": {"from_teacher": {"layers": [0], "decoder_layers": [5]}}})
+    with pytest.raises(ConfigError, match=r"student\.from_teacher\.decoder_layers: the teacher has no decoder"):
+        polydistill.train({**tiny_config(models, data, tmp_path, training__max_steps=1),
+                           "student": {"from_teacher": {"layers": [0], "decoder_layers": [0]}}})
     with pytest.raises(ConfigError, match=r"data\.train\[0\]\.columns\.target: task sequence_classification reads no target text"):
         polydistill.train({**tiny_config(models, data, tmp_path, training__max_steps=1),
                            "data": {"train": {"path": cfg["data"]["train"]["path"], "columns": {"text": "de", "source": "en", "target": "de"}}}})
+
+
+def test_a_student_cut_from_an_encoder_decoder_keeps_the_chosen_blocks_of_each_stack(models):
+    teacher = M.load_model(str(models["mt"]), TASK)
+    student = M.student_from_teacher(teacher, [1], TASK, None, decoder_layers=[0])
+    assert (student.config.encoder_layers, student.config.decoder_layers) == (1, 1)
+    t, s = teacher.state_dict(), student.state_dict()
+    for key, value in s.items():
+        if ".encoder.layers.0." in key:
+            torch.testing.assert_close(value, t[key.replace(".encoder.layers.0.", ".encoder.layers.1.")])
+        elif ".layers." not in key:  # embeddings, layer norms, head: the teacher's
+            torch.testing.assert_close(value, t[key])
+    full = M.student_from_teacher(teacher, [0], TASK, None)  # the decoder kept whole by default
+    assert full.config.decoder_layers == teacher.config.decoder_layers

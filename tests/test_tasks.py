@@ -226,17 +226,10 @@ def test_token_evaluation_counts_and_reports_words_cut_by_max_length(models, tmp
 @pytest.mark.parametrize("task", ["causal_lm", "seq2seq"])
 def test_generative_tasks_resume_exactly(models, data, tmp_path, task):
     """Interrupted after 4 steps and resumed: the same weights as a straight run (dropout on: RNG restored)."""
-    from safetensors.torch import load_file
+    from polydistill.testing import assert_same_student, interrupted_and_resumed
 
-    from conftest import StopAt, tiny_config
+    from conftest import tiny_config
 
     overrides = dict(training__epochs=2, data__batch_size=5, generation={"num_beams": 1, "max_new_tokens": 4})
     straight = polydistill.train(tiny_config(models, data, tmp_path / "a", task, **overrides))
-    cfg = tiny_config(models, data, tmp_path / "b", task, **overrides)
-    with pytest.raises(KeyboardInterrupt):
-        polydistill.train(cfg, plugins=[("stop", StopAt(4))])
-    resumed = polydistill.train(cfg, resume=tmp_path / "b" / "run")
-    a, b = (load_file(str(r.output_dir / "student" / "model.safetensors")) for r in (straight, resumed))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_student(straight, interrupted_and_resumed(tiny_config(models, data, tmp_path / "b", task, **overrides), 4))

@@ -30,6 +30,9 @@ _LAZY = {
     "ModelOutputs": "polydistill.batch",
     "Trainable": "polydistill.batch",
     "LossHints": "polydistill.batch",
+    "TeacherCache": "polydistill.cache",
+    "teacher_fingerprint": "polydistill.cache",
+    "tokenizer_fingerprint": "polydistill.cache",
     "Task": "polydistill.tasks",
     "get_task": "polydistill.tasks",
     "load_data": "polydistill.data",
@@ -59,6 +62,7 @@ __all__ = [
     "PolydistillWarning",
     "RunResult",
     "Task",
+    "TeacherCache",
     "TrainState",
     "Trainable",
     "__version__",
@@ -71,6 +75,8 @@ __all__ = [
     "load_data",
     "load_config",
     "plan_study",
+    "teacher_fingerprint",
+    "tokenizer_fingerprint",
     "train",
     "write_report",
 ]
@@ -86,6 +92,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # pragma: no cover
     from polydistill.api import RunResult, evaluate, train
     from polydistill.batch import Batch, LossHints, ModelOutputs, Trainable
+    from polydistill.cache import TeacherCache, teacher_fingerprint, tokenizer_fingerprint
     from polydistill.config import Config, PluginSettings, load_config
     from polydistill.data import load_data
     from polydistill.evaluation import evaluate_model

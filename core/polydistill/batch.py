@@ -138,9 +138,10 @@ class Batch:
         self,
         texts: list[Any] | None = None,
         teacher_texts: list[Any] | None = None,
+        targets: list[str] | None = None,
         **meta: Any,
     ) -> Batch:
-        """Return a new batch with changed texts, re-encoded for every model.
+        """Return a new batch with changed texts (or, generative tasks, ``targets``), re-encoded for every model.
 
         In ``same`` mode, changing ``texts`` alone changes what the teachers
         read too, so teacher and student keep reading the same input.
@@ -161,7 +162,10 @@ class Batch:
             for i, (old, new) in enumerate(zip(self.texts, new_texts)):
                 if isinstance(old, (list, tuple)) and len(old) != len(new):
                     raise ValueError(f"replace_texts: row {i} has {len(new)} words instead of {len(old)}; token labels would no longer align")
-        batch = self.encoder(new_texts, new_teacher, self.langs, self.labels, {**self.meta, **meta}, self.targets)
+        if targets is not None and (self.targets is None or len(targets) != len(self)):
+            raise ValueError(f"replace_texts: targets= needs a batch with targets, one per example ({len(self)})")
+        batch = self.encoder(new_texts, new_teacher, self.langs, self.labels, {**self.meta, **meta},
+                             self.targets if targets is None else list(targets))
         batch.hints = self.hints
         return batch.to(self.device)
 

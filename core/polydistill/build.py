@@ -50,7 +50,7 @@ def _student(config: Config, teachers: list[nn.Module], teacher_toks: list[Any],
     if sc.from_teacher is not None:
         ref = sc.from_teacher.teacher
         idx = ref if isinstance(ref, int) else config.teacher_names().index(ref)
-        student = M.student_from_teacher(teachers[idx], sc.from_teacher.layers, config.task, labels)
+        student = M.student_from_teacher(teachers[idx], sc.from_teacher.layers, config.task, labels, sc.from_teacher.decoder_layers)
     elif sc.config is not None:
         base = sc.config["base"]
         overrides = {k: v for k, v in sc.config.items() if k != "base"}

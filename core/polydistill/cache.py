@@ -40,6 +40,10 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+#: The public name (``polydistill.teacher_fingerprint``, API 1.2).
+teacher_fingerprint = fingerprint
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of what a fast tokenizer computes."""
     from polydistill.data import tokenizer_spec

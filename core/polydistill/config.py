@@ -54,11 +54,14 @@ class FromTeacher(StrictModel):
     """Build the student from a teacher by keeping some of its layers (DistilBERT-style)."""
 
     teacher: str | int = Field(0, description='Teacher `name`, or index in `teachers`.')
-    layers: list[int] = Field(description='Teacher transformer blocks to keep, **0-based**, in order: student block `i` is a copy of teacher block `layers[i]`. Embeddings, pooler and head are copied. E.g. `[0, 2, 4]` from a 6-layer teacher.')
+    layers: list[int] = Field(description='Teacher transformer blocks to keep, **0-based**, in order: student block `i` is a copy of teacher block `layers[i]`. Embeddings, pooler and head are copied. E.g. `[0, 2, 4]` from a 6-layer teacher. For an encoder-decoder teacher (seq2seq), the encoder\'s blocks.')
+    decoder_layers: list[int] | None = Field(None, description="Encoder-decoder teachers (seq2seq): the decoder blocks to keep, 0-based, in order. Default: all of them (a shallower decoder decodes faster: e.g. `[0]`).")
 
-    @field_validator("layers")
+    @field_validator("layers", "decoder_layers")
     @classmethod
-    def _layers(cls, v: list[int]) -> list[int]:
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
         if not v:
             raise ValueError("keep at least one layer")
         if any(i < 0 for i in v):
@@ -303,8 +306,6 @@ class Config(StrictModel):
         task = get_task(self.task)
         if self.mode == "parallel" and task.parallel_refusal:
             raise ValueError(f"mode 'parallel' does not work for {self.task}: {task.parallel_refusal}")
-        if self.student.from_teacher is not None and task.cut_refusal:
-            raise ValueError(f"student.from_teacher does not work for {self.task}: {task.cut_refusal}")
         if self.mode == "parallel":
             missing = [i for i, s in enumerate(self.data.train) if s.columns.source is None]
             if missing:

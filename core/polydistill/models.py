@@ -145,33 +145,55 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"cannot find the {n} transformer layers of {type(model).__name__} to copy from")
 
 
-def student_from_teacher(teacher: nn.Module, layers: list[int], task: str | Task, labels: list[str] | None) -> nn.Module:
+def _stacks(model: nn.Module) -> list[nn.ModuleList]:
+    """The model's stacks of transformer blocks: the encoder's, and an encoder-decoder's decoder's."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return [_layer_list(model)]
+    stacks = []
+    for part in (model.get_encoder(), model.get_decoder()):
+        stack = next((m for _, m in part.named_modules() if isinstance(m, nn.ModuleList)), None)  # the outermost list
+        if stack is None:
+            raise ConfigError(f"cannot find the transformer layers of {type(part).__name__} to copy from")
+        stacks.append(stack)
+    return stacks
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int], task: str | Task, labels: list[str] | None,
+                         decoder_layers: list[int] | None = None) -> nn.Module:
     """A student with the teacher's architecture keeping only ``layers`` (DistilBERT-style init).
 
     Embeddings, pooler and head are copied; block ``i`` of the student is
-    teacher block ``layers[i]``.
+    teacher block ``layers[i]``. For an encoder-decoder teacher ``layers`` are
+    the encoder's and ``decoder_layers`` the decoder's (default: all of them).
     """
-    n = teacher.config.num_hidden_layers
-    bad = [i for i in layers if not 0 <= i < n]
-    if bad:
-        raise ConfigError(f"student.from_teacher.layers: {bad} out of range, the teacher has {n} layers (0..{n - 1})")
+    stacks = _stacks(teacher)
+    if decoder_layers is not None and len(stacks) == 1:
+        raise ConfigError("student.from_teacher.decoder_layers: the teacher has no decoder (only encoder-decoder teachers do)")
+    keep = [layers] if len(stacks) == 1 else [layers, decoder_layers if decoder_layers is not None else list(range(len(stacks[1])))]
+    for field, stack, picked in zip(("layers", "decoder_layers"), stacks, keep):
+        bad = [i for i in picked if not 0 <= i < len(stack)]
+        if bad:
+            raise ConfigError(f"student.from_teacher.{field}: {bad} out of range, the teacher has {len(stack)} layers "
+                              f"(0..{len(stack) - 1})")
     task = get_task(task)
     config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
+    config.num_hidden_layers = len(layers)  # the encoder's (Bart, Marian and T5 map it to their own name)
+    if len(stacks) == 2:
+        key = next(k for k in ("decoder_layers", "num_decoder_layers") if k in config.to_dict())
+        setattr(config, key, len(keep[1]))
     for key, value in task.label_config(labels).items():
         setattr(config, key, value)
     student = task.model_class().from_config(config)
     source = teacher.state_dict()
     target = student.state_dict()
-    teacher_blocks = _layer_list(teacher)
-    student_blocks = _layer_list(student)
-    skip = {id(p) for p in teacher_blocks.parameters()} | {id(b) for b in teacher_blocks.buffers()}
+    skip = {id(t) for stack in stacks for t in [*stack.parameters(), *stack.buffers()]}
     skip_names = {k for k, v in teacher.state_dict(keep_vars=True).items() if id(v) in skip}
     shared = {k: v for k, v in source.items() if k not in skip_names and k in target and target[k].shape == v.shape}
     target.update(shared)
     student.load_state_dict(target)
-    for i, j in enumerate(layers):
-        student_blocks[i].load_state_dict(teacher_blocks[j].state_dict())
+    for teacher_stack, student_stack, picked in zip(stacks, _stacks(student), keep):
+        for i, j in enumerate(picked):
+            student_stack[i].load_state_dict(teacher_stack[j].state_dict())
     return student
 
 

@@ -58,8 +58,6 @@ class Task:
     cache_refusal: ClassVar[str | None] = None
     #: The forward pass needs the per-layer hidden states (e.g. to pool the last one).
     needs_hidden_states: ClassVar[bool] = False
-    #: Why ``student.from_teacher`` cannot cut this task's models; None: it can.
-    cut_refusal: ClassVar[str | None] = None
     #: Why mode 'parallel' cannot train this task; None: it can.
     parallel_refusal: ClassVar[str | None] = None
     #: The metric tables show first.
@@ -111,6 +109,11 @@ class Task:
     def read_outputs(self, out: Any, result: ModelOutputs, words: torch.Tensor | None, pooling: str) -> None:
         """Fill ``result``'s task fields from a transformers output ``out`` (``result.mask`` is set)."""
         raise NotImplementedError(f"task {self.name}: read_outputs")
+
+    def generation_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """What ``model.generate`` reads of a batch's encoding, for a task whose targets a model can decode
+        from its inputs alone (seq2seq); None: the task's models do not generate targets."""
+        return None
 
     # ------------------------------------------------------------------ data
 

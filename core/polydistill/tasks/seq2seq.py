@@ -25,8 +25,6 @@ class Seq2Seq(Task):
                         "is in the data (columns.text and columns.target), so use mode 'same'")
     cache_refusal = ("teacher outputs of seq2seq are a vocabulary-sized distribution per target token (V floats each), "
                      "which the teacher-output cache does not hold; the teachers run every step")
-    cut_refusal = ("student.from_teacher cuts one stack of layers; for an encoder-decoder student give student.config "
-                   "(e.g. {base: TEACHER, encoder_layers: 3, decoder_layers: 1}) or student.model")
     primary_metric = "bleu"
     eval_column = "target"
     eval_column_why = "evaluation scores the generated text against the reference in columns.target"
@@ -48,6 +46,9 @@ class Seq2Seq(Task):
         inputs = {k: v for k, v in enc.items() if k in tokenizer.model_input_names}
         inputs["labels"] = labels
         return inputs, words, labels
+
+    def generation_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
 
     def read_outputs(self, out: Any, result: ModelOutputs, words: torch.Tensor | None, pooling: str) -> None:
         if words is None:

@@ -122,6 +122,12 @@ def test_divergences_are_zero_for_equal_distributions_and_jsd_is_bounded():
 # --------------------------------------------------------------------------- training
 
 
+def _eval_rows(data):
+    import json
+
+    return [(r["text"], r["lang"]) for r in map(json.loads, data["eval"].read_text().splitlines())]
+
+
 def _agreement(student_dir, teacher_dir, texts):
     """Fraction of next tokens where the student's most likely token is the teacher's, and the mean KL(teacher || student)."""
     tok = M.load_tokenizer(str(teacher_dir), task=TASK)
@@ -161,7 +167,10 @@ def test_distilled_student_agrees_more_with_its_teacher(models, data, trained_lm
     assert kl_after < 0.5 * kl_before, (kl_before, kl_after)
     assert agree_after > agree_before
     de = result.metrics["per_language"]["de"]
-    assert set(de) == {"next_token_accuracy", "perplexity", "nll"} and de["perplexity"] == pytest.approx(math.exp(de["nll"]))
+    assert set(de) == {"next_token_accuracy", "perplexity", "nll", "teacher_agreement"}
+    assert de["perplexity"] == pytest.approx(math.exp(de["nll"]))
+    assert de["teacher_agreement"] == pytest.approx(_agreement(result.student_dir, trained_lm, [t for t, lang in _eval_rows(data) if lang == "de"])[0])
+    assert de["teacher_agreement"] > before.metrics["per_language"]["de"]["teacher_agreement"]
     assert result.metrics["tokens"]["de"] > 0
 
 

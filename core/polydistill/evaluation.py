@@ -17,10 +17,10 @@ class _Predictor:
     """:class:`~polydistill.tasks.base.Predict` for one model: forward passes and decoding in batches."""
 
     def __init__(self, model: Any, tokenizer: Any, collator: Collator, task: Task, batch_size: int, pooling: str,
-                 device: Any, generation: dict[str, Any], progress: bool):
+                 device: Any, generation: dict[str, Any], progress: bool, reference: Any = None):
         self.model, self.tokenizer, self.collator, self.task = model, tokenizer, collator, task
         self.batch_size, self.pooling, self.device = batch_size, pooling, device
-        self.generation, self.progress = generation, progress
+        self.generation, self.progress, self.reference = generation, progress, reference
 
     def _batches(self, ds: Any, what: str) -> Iterable[Batch]:
         loader = Loader(ds, self.collator, self.batch_size, seed=0, shuffle=False, group=True)
@@ -33,7 +33,10 @@ class _Predictor:
     def __call__(self, ds: Any) -> Iterable[tuple[Batch, ModelOutputs]]:
         for batch in self._batches(ds, "eval"):
             batch = batch.to(self.device)
-            yield batch, forward(self.model, batch.student_inputs, self.task, batch.student_words, self.pooling)
+            out = forward(self.model, batch.student_inputs, self.task, batch.student_words, self.pooling)
+            if self.reference is not None:  # the model it is compared with, on the same inputs
+                out.extra["reference"] = forward(self.reference, batch.student_inputs, self.task, batch.student_words, self.pooling)
+            yield batch, out
 
     def generate(self, ds: Any) -> Iterable[tuple[Batch, list[str]]]:
         settings = {k: v for k, v in self.generation.items() if k in ("num_beams", "max_new_tokens")}
@@ -60,6 +63,7 @@ def evaluate_model(
     device: Any = None,
     generation: dict[str, Any] | None = None,
     progress: bool = False,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (normalised columns text/source/label/lang/target).
 
@@ -70,7 +74,9 @@ def evaluate_model(
     entity F1 for BIO tags; embeddings: Tatoeba-style retrieval accuracy in
     both directions between the ``source`` and ``text`` columns; generative tasks
     their own (``polydistill.tasks``), decoding with ``generation`` (``config.generation``'s
-    fields) and, with ``progress``, a progress bar per pass.
+    fields) and, with ``progress``, a progress bar per pass. ``reference``: a model reading the same
+    tokens (a teacher) whose outputs reach the task as ``outputs.extra["reference"]``, for metrics that
+    compare the two (causal_lm: ``teacher_agreement``).
     """
     from polydistill.config import GenerationConfig
 
@@ -80,7 +86,7 @@ def evaluate_model(
         raise ValueError(f"{task.name} evaluation needs columns.{task.eval_column}: {task.eval_column_why}")
     collator = Collator(task, tokenizer, [], max_length, "longest", labels)
     settings = GenerationConfig.model_validate(generation or {}).model_dump()
-    predict = _Predictor(model, tokenizer, collator, task, batch_size, pooling, device, settings, progress)
+    predict = _Predictor(model, tokenizer, collator, task, batch_size, pooling, device, settings, progress, reference)
     was_training = model.training
     model.eval()
     try:

@@ -378,10 +378,12 @@ class Trainer:
         if self.eval_data is None:
             return {}
         dc = self.config.data
+        compare = state.task_def.compares_with_teacher and state.teachers and state.same_tokens[0]
         metrics = evaluate_model(
             state.unwrapped_student(), state.student_tokenizer, self.eval_data, self.config.task, state.labels,
             dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, self.config.pooling, state.device,
             self.config.generation.model_dump(), self.config.training.progress and self.accelerator.is_local_main_process,
+            reference=state.teachers[0] if compare else None,
         )
         extra = self.host.run("on_evaluate", state=state, metrics=metrics)
         if extra:

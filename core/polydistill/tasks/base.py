@@ -60,6 +60,8 @@ class Task:
     needs_hidden_states: ClassVar[bool] = False
     #: Why mode 'parallel' cannot train this task; None: it can.
     parallel_refusal: ClassVar[str | None] = None
+    #: Evaluation compares the student with the first teacher (``outputs.extra["reference"]``).
+    compares_with_teacher: ClassVar[bool] = False
     #: The metric tables show first.
     primary_metric: ClassVar[str] = ""
     #: The column evaluation reads besides ``text`` (``"label"`` or ``"source"``); ``eval_column_why`` says why.

@@ -32,6 +32,7 @@ class CausalLM(Task):
     cache_refusal = ("teacher outputs of causal_lm are a vocabulary-sized distribution per token (V floats each), "
                      "which the teacher-output cache does not hold; the teachers run every step")
     primary_metric = "next_token_accuracy"
+    compares_with_teacher = True
     eval_column = "text"
     reads_target = "optional"
 
@@ -79,22 +80,30 @@ class CausalLM(Task):
 
     def evaluate(self, predict: Predict, dataset: Any, labels: list[str] | None, max_length: int) -> dict[str, Any]:
         """Per language: how often the most likely token is the next one, perplexity and mean negative
-        log-likelihood of the next tokens; ``tokens``: how many were scored per language."""
+        log-likelihood of the next tokens, and, with a teacher, ``teacher_agreement`` (how often the
+        student's most likely token is the teacher's); ``tokens``: how many were scored per language."""
         langs = dataset["lang"]
         nll: dict[str, float] = defaultdict(float)
         hits: dict[str, int] = defaultdict(int)
         count: dict[str, int] = defaultdict(int)
+        agree: dict[str, int] = defaultdict(int)
+        compared = False
         for batch, out in predict(dataset):
             logp = F.log_softmax(out.logits.float(), dim=-1)
             gold = batch.labels
             keep = gold != -100
             token_nll = -logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             right = logp.argmax(-1) == gold
+            reference = out.extra.get("reference")
+            same = (out.logits.argmax(-1) == reference.logits.argmax(-1)) if reference is not None else None
+            compared = compared or same is not None
             for j, row in enumerate(batch.meta["index"]):
                 lang = langs[row]
                 nll[lang] += float(token_nll[j][keep[j]].sum())
                 hits[lang] += int(right[j][keep[j]].sum())
                 count[lang] += int(keep[j].sum())
+                if same is not None:
+                    agree[lang] += int(same[j][keep[j]].sum())
         per_lang = {}
         for lang in sorted(count):
             if not count[lang]:
@@ -102,4 +111,6 @@ class CausalLM(Task):
             mean = nll[lang] / count[lang]
             per_lang[lang] = {"next_token_accuracy": hits[lang] / count[lang], "perplexity": math.exp(min(mean, 700.0)),
                               "nll": mean}
+            if compared:
+                per_lang[lang]["teacher_agreement"] = agree[lang] / count[lang]
         return {"per_language": per_lang, "tokens": dict(sorted(count.items()))}

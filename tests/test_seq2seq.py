@@ -105,3 +105,23 @@ def test_a_student_cut_from_an_encoder_decoder_keeps_the_chosen_blocks_of_each_s
             torch.testing.assert_close(value, t[key])
     full = M.student_from_teacher(teacher, [0], TASK, None)  # the decoder kept whole by default
     assert full.config.decoder_layers == teacher.config.decoder_layers
+
+
+def test_an_ablation_over_the_generative_losses_runs_and_reports_bleu(models, data, tmp_path):
+    """A study whose axes are kd's divergence and sequence-level KD, reported on the task's primary metric."""
+    import yaml
+
+    from polydistill.study import ablate
+
+    base = mt_config(models, data, tmp_path, training__max_steps=2, generation={"num_beams": 1, "max_new_tokens": 4},
+                     cache={"dir": str(tmp_path / "cache")})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = {"name": "generative", "base": "base.yaml", "seeds": [0],
+             "axes": {"divergence": {"field": "plugins.kd.divergence", "values": ["forward", "reverse", "jsd"]},
+                      "targets": {"add_one_in": {"sequence_kd": {"num_beams": 2, "max_new_tokens": 4}}}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    result = ablate(tmp_path / "study.yaml", tmp_path / "out", log=lambda _: None)
+    assert len(result.records) == 6 and not result.failed
+    report = polydistill.write_report(tmp_path / "out", tmp_path / "report")
+    assert report.metric == "bleu"
+    assert (tmp_path / "report" / "report.md").read_text().count("sequence_kd") >= 1

@@ -200,6 +200,49 @@ def test_refusals_name_the_field(models, data, tmp_path):
         polydistill.train({**cfg, "plugins": {"kd": {"skew": 1.0}}})
 
 
+class Forwards:
+    """Counts the first teacher's forward passes per epoch."""
+
+    def __init__(self) -> None:
+        self.per_epoch: dict[int, int] = {}
+
+    @polydistill.hookimpl
+    def setup(self, state):
+        state.teachers[0].register_forward_hook(lambda *a: self.per_epoch.__setitem__(state.epoch, self.per_epoch.get(state.epoch, 0) + 1))
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "seq2seq"])
+def test_top_k_teacher_outputs_are_cached_and_read_back(models, data, tmp_path, task):
+    """With top_k as large as the vocabulary the cached run trains as the uncached one; later epochs run no teacher."""
+    vocab = M.load_model(str(models["lm" if task == "causal_lm" else "mt"]), task).get_output_embeddings().weight.shape[0]
+    fields = dict(training__epochs=2, data__shuffle=False, data__eval=[])  # no evaluation: its teacher passes do not count
+    plain = polydistill.train(tiny_config(models, data, tmp_path / "plain", task, **fields))
+    forwards = Forwards()
+    cached = polydistill.train(tiny_config(models, data, tmp_path / "cached", task, **fields,
+                                           cache={"enabled": True, "dir": str(tmp_path / "cache"), "top_k": vocab}),
+                               plugins=[("forwards", forwards)])
+    assert set(forwards.per_epoch) == {0}  # epoch 1 reads every output back
+    kl = [r["loss/kl"] for r in plain.history if "loss/kl" in r]
+    assert [r["loss/kl"] for r in cached.history if "loss/kl" in r] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+
+
+def test_a_top_k_row_keeps_the_top_k_and_spreads_the_rest(models):
+    from polydistill.tasks.base import _spread
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 11)
+    out = polydistill.ModelOutputs(logits=logits, word_mask=torch.ones(1, 3, dtype=torch.bool))
+    (row,) = get_task(TASK).cache_rows(out, top_k=4)
+    assert row.shape == (3, 8)
+    dense = torch.from_numpy(_spread(row, 11))
+    p, q = torch.softmax(logits[0], -1), dense.exp()
+    top = p.topk(4, -1)
+    torch.testing.assert_close(q.gather(-1, top.indices), top.values)  # the kept probabilities, exactly
+    torch.testing.assert_close(q.sum(-1), torch.ones(3))  # a distribution
+    rest = torch.ones_like(p, dtype=torch.bool).scatter(-1, top.indices, False)
+    torch.testing.assert_close(q[rest].view(3, 7), ((1 - top.values.sum(-1, keepdim=True)) / 7).expand(3, 7))
+
+
 def test_the_cache_is_not_used_and_says_why(models, data, tmp_path, capsys):
     cfg = lm_config(models, data, tmp_path, training__max_steps=2, cache={"enabled": True, "dir": str(tmp_path / "cache")})
     polydistill.train(cfg)

@@ -51,15 +51,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha1(json.dumps(tokenizer_spec(tokenizer), sort_keys=True).encode()).hexdigest()
 
 
-def read_settings(task: str, pooling: str, max_length: int, mixed_precision: str, tokenizer: Any) -> dict[str, Any]:
+def read_settings(task: str, pooling: str, max_length: int, mixed_precision: str, tokenizer: Any, top_k: int | None = None) -> dict[str, Any]:
     """Everything besides the teacher's weights and the text that changes what the teacher outputs."""
-    return {
+    settings = {
         "task": task,
         "pooling": pooling,
         "max_length": max_length,
         "mixed_precision": mixed_precision,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    if top_k is not None:  # only in the key of what it changes, so other tasks' entries keep theirs
+        settings["top_k"] = top_k
+    return settings
 
 
 class TeacherCache:

@@ -243,6 +243,7 @@ class CacheConfig(StrictModel):
     enabled: bool = Field(False, description='Use the cache.')
     dir: str | None = Field(None, description='Directory of the SQLite file `teacher-outputs.sqlite`.')
     dtype: Literal["float16", "float32"] = Field("float32", description='Storage precision.')
+    top_k: int | None = Field(None, ge=1, description="Tasks whose teacher outputs are distributions over a vocabulary (causal_lm, seq2seq) are cached only with this: each target token keeps its top_k log-probabilities, and the rest of the mass is spread evenly over the other tokens when read back (biased: the tail's shape is lost; see docs/tasks.md). Other tasks ignore it.")
 
 
 class Config(StrictModel):

@@ -7,6 +7,7 @@ Plugins reach this through ``TrainState.run_teacher`` and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,27 +26,32 @@ if TYPE_CHECKING:
 class TeacherRunner:
     """The run's teachers, each with its cache (None: off), for one :class:`~polydistill.TrainState`."""
 
-    def __init__(self, state: TrainState, caches: list[TeacherCache | None]):
+    def __init__(self, state: TrainState, caches: list[TeacherCache | None], top_k: int | None = None):
         self.state = state
         self.caches = caches
         self.task = get_task(state.config.task)
+        self.top_k = top_k  # vocabulary-sized outputs are cached as their top-k log-probabilities
+        self.widths = [_output_width(t) if top_k else None for t in state.teachers]
 
     @classmethod
     def for_state(cls, state: TrainState) -> TeacherRunner:
         """A runner with the caches ``state.config.cache`` asks for."""
         cc, config = state.config.cache, state.config
-        refusal = get_task(config.task).cache_refusal
-        if cc.enabled and refusal:
-            state.accelerator.print(f"cache.enabled: {refusal}")
-        if not cc.enabled or refusal:
+        task = get_task(config.task)
+        top_k = cc.top_k if task.cache_needs_top_k else None
+        if cc.enabled and task.cache_needs_top_k and top_k is None:
+            state.accelerator.print(f"cache.enabled: teacher outputs of {task.name} are a vocabulary-sized distribution per "
+                                    "token; set cache.top_k to cache the top_k of each, else the teachers run every step")
+        if not cc.enabled or (task.cache_needs_top_k and top_k is None):
             return cls(state, [None] * len(state.teachers))
         directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
         return cls(state, [
             TeacherCache(directory, fingerprint(state.accelerator.unwrap_model(t)),
-                         read_settings(config.task, config.pooling, config.data.max_length, config.training.mixed_precision, tok),
-                         cc.dtype)
+                         read_settings(config.task, config.pooling, config.data.max_length, config.training.mixed_precision,
+                                       tok, top_k),
+                         "float32" if top_k else cc.dtype)  # token ids must stay exact
             for t, tok in zip(state.teachers, state.teacher_tokenizers)
-        ])
+        ], top_k)
 
     def outputs(self, batch: Batch) -> ModelOutputs | None:
         """select_teachers -> teacher_outputs, with the core defaults when no plugin answers."""
@@ -105,7 +111,9 @@ class TeacherRunner:
         if cache is None or "input_ids" not in batch.teacher_inputs[i] or per_layer:
             return self._forward(i, batch.teacher_inputs[i], batch.teacher_words[i], per_layer)
         texts = batch.teacher_texts
-        found = cache.lookup(texts)
+        # a generative task's outputs depend on the target too (the teacher reads it, teacher-forced)
+        entries = texts if batch.targets is None else [[t, g] for t, g in zip(texts, batch.targets)]
+        found = cache.lookup(entries)
         words = batch.teacher_words[i]
         if words is not None:  # an entry must hold one row per word the teacher reads
             counts = (words >= 0).sum(1).tolist()
@@ -113,7 +121,7 @@ class TeacherRunner:
                 if a is not None and len(a) != counts[j]:
                     warn(f"teacher cache {cache.path}: an entry holds {len(a)} words where the teacher reads {counts[j]}; recomputed")
                     found[j] = None
-        keys = [t if isinstance(t, str) else tuple(t) for t in texts]  # word lists (token tasks) as tuples
+        keys = [json.dumps(e, ensure_ascii=False) for e in entries]  # hashable: word lists, text-target pairs
         # A text repeated in the batch (both sides of a parallel pair read the same
         # source) is run once.
         todo = list(dict.fromkeys(k for k, a in zip(keys, found) if a is None))
@@ -126,11 +134,11 @@ class TeacherRunner:
             sub_words = None if words is None else words.index_select(0, rows)
             if "attention_mask" in inputs:
                 inputs, sub_words = _trim_padding(inputs, sub_words)
-            new = self.task.cache_rows(self._forward(i, inputs, sub_words, False))
-            cache.put_many([texts[first[t]] for t in todo], new)
+            new = self.task.cache_rows(self._forward(i, inputs, sub_words, False), self.top_k)
+            cache.put_many([entries[first[t]] for t in todo], new)
             computed = dict(zip(todo, new))
             found = [a if a is not None else computed[k] for k, a in zip(keys, found)]
-        return self.task.from_cache(found, words, state.device)
+        return self.task.from_cache(found, words, state.device, self.widths[i], self.top_k)
 
     def _forward(self, i: int, inputs: dict[str, torch.Tensor], words: torch.Tensor | None, per_layer: bool) -> ModelOutputs:
         state, config = self.state, self.state.config
@@ -143,11 +151,21 @@ class TeacherRunner:
 
 def _trim_padding(inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Drop the columns that are padding in every row (left or right), shifting word positions alike."""
-    used = inputs["attention_mask"].bool().any(0).nonzero().flatten()
+    mask = inputs["attention_mask"]
+    used = mask.bool().any(0).nonzero().flatten()
     if not len(used):
         return inputs, words
     lo, hi = int(used[0]), int(used[-1]) + 1
-    inputs = {k: v[:, lo:hi] if v.dim() == 2 else v for k, v in inputs.items()}
+    # only the inputs laid out like the mask (a seq2seq target, its labels, keeps its own length)
+    inputs = {k: v[:, lo:hi] if v.dim() == 2 and k != "labels" and v.shape == mask.shape else v for k, v in inputs.items()}
     if words is not None and lo:
         words = torch.where(words >= 0, words - lo, words)
     return inputs, words
+
+
+def _output_width(model: Any) -> int:
+    """How many classes (vocabulary entries) a teacher's logits have."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)

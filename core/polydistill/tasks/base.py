@@ -19,6 +19,18 @@ class Predict(Protocol):
     def generate(self, dataset: Any) -> Iterable[tuple[Batch, list[str]]]: ...
 
 
+def _spread(row: np.ndarray, width: int | None) -> np.ndarray:
+    """A cached top-k row ``(W, 2k)`` as log-probabilities over ``width`` classes ``(W, width)``."""
+    if width is None:
+        raise ValueError("top-k teacher outputs need the number of classes to rebuild")
+    k = row.shape[-1] // 2
+    ids, logp = row[:, :k].astype(np.int64), row[:, k:]
+    rest = np.clip(1.0 - np.exp(logp).sum(-1, keepdims=True), 1e-12, None) / max(width - k, 1)
+    out = np.broadcast_to(np.log(rest), (row.shape[0], width)).astype(np.float32).copy()
+    np.put_along_axis(out, ids, logp.astype(np.float32), axis=-1)
+    return out
+
+
 class Task:
     """One task: its models, labels, outputs, cache entries, default fusion and metrics.
 
@@ -54,8 +66,8 @@ class Task:
     output_field: ClassVar[str] = "logits"
     #: Whether the task reads ``columns.target`` (the text a generative model produces): "no", "optional", "required".
     reads_target: ClassVar[str] = "no"
-    #: Why teacher outputs of this task are not cached; None: they are.
-    cache_refusal: ClassVar[str | None] = None
+    #: Outputs are distributions over a vocabulary, too large to cache whole: only with ``cache.top_k``.
+    cache_needs_top_k: ClassVar[bool] = False
     #: The forward pass needs the per-layer hidden states (e.g. to pool the last one).
     needs_hidden_states: ClassVar[bool] = False
     #: Why mode 'parallel' cannot train this task; None: it can.
@@ -139,15 +151,42 @@ class Task:
 
     # ------------------------------------------------------------------ teacher outputs
 
-    def cache_rows(self, out: ModelOutputs) -> list[np.ndarray]:
-        """One array per sample of a teacher's final output, as the cache stores it."""
-        return list(getattr(out, self.output_field).float().cpu().numpy())
+    def cache_rows(self, out: ModelOutputs, top_k: int | None = None) -> list[np.ndarray]:
+        """One array per sample of a teacher's final output, as the cache stores it: word-level outputs hold
+        the words that survive max_length, in order; with ``top_k`` (distributions over a vocabulary),
+        each position's ``top_k`` log-probabilities and their token ids, ``(W, 2 * top_k)``."""
+        value = getattr(out, self.output_field).float()
+        if top_k is not None:
+            logp = torch.log_softmax(value, dim=-1)
+            top = logp.topk(min(top_k, logp.size(-1)), dim=-1)
+            value = torch.cat([top.indices.float(), top.values], dim=-1)  # ids are exact in float32 below 2**24
+        array = value.cpu().numpy()
+        if not self.word_level:
+            return list(array)
+        keep = out.word_mask.cpu().numpy()
+        return [v[m] for v, m in zip(array, keep)]
 
-    def from_cache(self, rows: list[np.ndarray], words: torch.Tensor | None, device: Any) -> ModelOutputs:
-        """Teacher outputs from cached rows (``words``: the teacher's word positions, word-level tasks)."""
+    def from_cache(self, rows: list[np.ndarray], words: torch.Tensor | None, device: Any, width: int | None = None,
+                   top_k: int | None = None) -> ModelOutputs:
+        """Teacher outputs from cached rows (``words``: the teacher's read positions, word-level tasks).
+
+        Top-k rows become full distributions over ``width`` classes: the kept log-probabilities, and the
+        rest of the mass spread evenly over the other classes.
+        """
         from polydistill.cache import stack_padded
 
-        return ModelOutputs(**{self.output_field: stack_padded(rows, device)})
+        if top_k is not None:
+            rows = [_spread(r, width) for r in rows]
+        if not self.word_level:
+            return ModelOutputs(**{self.output_field: stack_padded(rows, device)})
+        # A row holds its surviving words only; each goes back to its word's place, as
+        # wide as the batch's word positions (its longest sentence, cut or not).
+        assert words is not None
+        mask = words >= 0
+        values = torch.zeros(*mask.shape, rows[0].shape[-1], device=device)
+        for row, data in enumerate(rows):
+            values[row, mask[row]] = torch.tensor(data, dtype=torch.float32, device=device)
+        return ModelOutputs(**{self.output_field: values}, word_mask=mask)
 
     def fuse(self, outs: dict[int, ModelOutputs], weights: torch.Tensor, batch_size: int) -> ModelOutputs:
         """The weighted sum of the final outputs of the teachers in ``outs`` (weights ``(n,)`` or ``(B, n)``).

@@ -29,8 +29,7 @@ class CausalLM(Task):
     per_token = True
     parallel_refusal = ("a language model's targets are the next tokens of the text it reads, and the teacher must read "
                         "the same tokens; use mode 'same'")
-    cache_refusal = ("teacher outputs of causal_lm are a vocabulary-sized distribution per token (V floats each), "
-                     "which the teacher-output cache does not hold; the teachers run every step")
+    cache_needs_top_k = True
     primary_metric = "next_token_accuracy"
     compares_with_teacher = True
     eval_column = "text"

@@ -23,8 +23,7 @@ class Seq2Seq(Task):
     reads_target = "required"
     parallel_refusal = ("teacher and student read the same source text and learn the same target; the language pair "
                         "is in the data (columns.text and columns.target), so use mode 'same'")
-    cache_refusal = ("teacher outputs of seq2seq are a vocabulary-sized distribution per target token (V floats each), "
-                     "which the teacher-output cache does not hold; the teachers run every step")
+    cache_needs_top_k = True
     primary_metric = "bleu"
     eval_column = "target"
     eval_column_why = "evaluation scores the generated text against the reference in columns.target"

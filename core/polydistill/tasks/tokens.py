@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from polydistill import metrics as M
@@ -67,22 +66,6 @@ class TokenClassification(Task):
                 raise DataError(f"row with {len(words)} words has {len(tags)} labels: {' '.join(map(str, words))[:80]}")
             out[i, : len(tags)] = torch.tensor([label_id(t) for t in tags], dtype=torch.long)
         return out
-
-    def cache_rows(self, out: ModelOutputs) -> list[np.ndarray]:
-        """Each sample's logits of the words that survive max_length, in order."""
-        value = out.logits.float().cpu().numpy()
-        keep = out.word_mask.cpu().numpy()
-        return [v[m] for v, m in zip(value, keep)]
-
-    def from_cache(self, rows: list[np.ndarray], words: torch.Tensor | None, device: Any) -> ModelOutputs:
-        # A row holds its surviving words only; each goes back to its word's place, as
-        # wide as the batch's word positions (its longest sentence, cut or not).
-        assert words is not None
-        mask = words >= 0
-        logits = torch.zeros(*mask.shape, rows[0].shape[-1], device=device)
-        for row, values in enumerate(rows):
-            logits[row, mask[row]] = torch.tensor(values, dtype=torch.float32, device=device)
-        return ModelOutputs(logits=logits, word_mask=mask)
 
     def fuse(self, outs: dict[int, ModelOutputs], weights: torch.Tensor, batch_size: int) -> ModelOutputs:
         """Per word, the weighted mean of the teachers that have the word (weights ``(n,)``, ``(B, n)`` or ``(B, W, n)``).

@@ -10,6 +10,7 @@ import torch
 from polydistill.batch import Batch, ModelOutputs
 from polydistill.errors import ConfigError
 
+
 class Predict(Protocol):
     """The evaluated model, over a dataset in batches: ``predict(dataset)`` gives (batch, outputs) of its
     forward pass; ``predict.generate(dataset)`` (batch, generated texts) with ``config.generation``'s decoding."""
@@ -76,7 +77,7 @@ class Task:
     compares_with_teacher: ClassVar[bool] = False
     #: The metric tables show first.
     primary_metric: ClassVar[str] = ""
-    #: The column evaluation reads besides ``text`` (``"label"`` or ``"source"``); ``eval_column_why`` says why.
+    #: The column evaluation reads besides ``text`` (``"label"``, ``"source"``, ``"target"``); ``eval_column_why`` says why.
     eval_column: ClassVar[str] = "label"
 
     @property

@@ -125,3 +125,20 @@ def test_an_ablation_over_the_generative_losses_runs_and_reports_bleu(models, da
     report = polydistill.write_report(tmp_path / "out", tmp_path / "report")
     assert report.metric == "bleu"
     assert (tmp_path / "report" / "report.md").read_text().count("sequence_kd") >= 1
+
+
+def test_trimming_a_cached_subset_keeps_the_target_and_its_positions(models):
+    """The cache runs a subset of a batch with its all-padding columns trimmed: for seq2seq only the
+    source's; decoder positions are not source positions, so they do not move."""
+    tok = M.load_tokenizer(str(models["mt"]), task=TASK)
+    tok.padding_side = "left"
+    task = get_task(TASK)
+    inputs, positions, labels = task.encode(tok, ["the soup is hot and the bread is fresh", "bread"], 32, "longest",
+                                            ["die suppe", "brot ist frisch und gut"])
+    sub = {k: v[1:] for k, v in inputs.items()}  # the short source: left padding in every column it does not use
+    trimmed, kept = task.trim_padding(sub, positions[1:])
+    assert trimmed["attention_mask"].all() and trimmed["input_ids"].size(1) < sub["input_ids"].size(1)
+    assert torch.equal(trimmed["labels"], labels[1:]) and torch.equal(kept, positions[1:])
+    # the subset is now what encoding its row alone gives (its target already as long as the batch's)
+    own, own_positions, own_labels = task.encode(tok, ["bread"], 32, "longest", ["brot ist frisch und gut"])
+    assert torch.equal(trimmed["input_ids"], own["input_ids"]) and torch.equal(kept, own_positions)

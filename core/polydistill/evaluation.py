@@ -42,11 +42,10 @@ class _Predictor:
         settings = {k: v for k, v in self.generation.items() if k in ("num_beams", "max_new_tokens")}
         for batch in self._batches(ds, "decode"):
             batch = batch.to(self.device)
-            inputs = self.task.generation_inputs(batch.student_inputs) or {
-                k: v for k, v in batch.student_inputs.items() if k in ("input_ids", "attention_mask")}
+            inputs = self.task.generation_inputs(batch.student_inputs)
+            if inputs is None:
+                raise ValueError(f"task {self.task.name}: its models do not generate targets (Task.generation_inputs)")
             out = self.model.generate(**inputs, **settings, do_sample=False)
-            if not self.model.config.is_encoder_decoder:  # a decoder-only model continues its input
-                out = out[:, inputs["input_ids"].size(1):]
             yield batch, self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 

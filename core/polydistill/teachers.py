@@ -133,7 +133,7 @@ class TeacherRunner:
             inputs = {k: v.index_select(0, rows) for k, v in batch.teacher_inputs[i].items()}
             sub_words = None if words is None else words.index_select(0, rows)
             if "attention_mask" in inputs:
-                inputs, sub_words = _trim_padding(inputs, sub_words)
+                inputs, sub_words = self.task.trim_padding(inputs, sub_words)
             new = self.task.cache_rows(self._forward(i, inputs, sub_words, False), self.top_k)
             cache.put_many([entries[first[t]] for t in todo], new)
             computed = dict(zip(todo, new))
@@ -147,20 +147,6 @@ class TeacherRunner:
                 state.teachers[i], inputs, self.task, words, config.pooling,
                 per_layer and state.need_hidden_states, per_layer and state.need_attentions,
             )
-
-
-def _trim_padding(inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Drop the columns that are padding in every row (left or right), shifting word positions alike."""
-    mask = inputs["attention_mask"]
-    used = mask.bool().any(0).nonzero().flatten()
-    if not len(used):
-        return inputs, words
-    lo, hi = int(used[0]), int(used[-1]) + 1
-    # only the inputs laid out like the mask (a seq2seq target, its labels, keeps its own length)
-    inputs = {k: v[:, lo:hi] if v.dim() == 2 and k != "labels" and v.shape == mask.shape else v for k, v in inputs.items()}
-    if words is not None and lo:
-        words = torch.where(words >= 0, words - lo, words)
-    return inputs, words
 
 
 def _output_width(model: Any) -> int:

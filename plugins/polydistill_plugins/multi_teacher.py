@@ -386,7 +386,7 @@ class MultiTeacher:
         per_layer = state.need_hidden_states or state.need_attentions
         # through the teacher-output cache; per-layer outputs are the first teacher's only
         outs = {i: state.run_teacher(i, batch, per_layer=per_layer and i == 0) for i in ran}
-        first = outs.get(0) if 0 in outs else (state.run_teacher(0, batch, per_layer=True) if per_layer else None)
+        first = outs[0] if 0 in outs else (state.run_teacher(0, batch, per_layer=True) if per_layer else None)
         field = task.output_field
         values: list[torch.Tensor | None] = [getattr(outs[i], field).float() if i in ran else None for i in range(n)]
         if task.word_level:  # word-level logits: every teacher has the same words

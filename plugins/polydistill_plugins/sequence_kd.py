@@ -57,7 +57,7 @@ class SequenceKD:
         self.settings = settings
         self.index = 0
         self.store: Any = None
-        self._logs: dict[str, float] = {}
+        self._logs: list[tuple[int, float, float]] = []  # per micro-batch: decoded, seconds, share changed
 
     @hookimpl
     def setup(self, state: Any) -> None:
@@ -105,9 +105,8 @@ class SequenceKD:
                 targets[i] = text
             if self.store is not None:
                 self.store.put_many([keys[i] for i in todo], [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in decoded])
-        self._add("decoded", float(len(todo)))
-        self._add("decode_s", time.perf_counter() - start)
-        self._add("changed", sum(t != r for t, r in zip(targets, batch.targets)) / len(batch), mean=True)
+        changed = sum(t != r for t, r in zip(targets, batch.targets)) / len(batch)
+        self._logs.append((len(todo), time.perf_counter() - start, changed))
         return batch.replace_texts(targets=targets)
 
     def _decode(self, batch: Any, rows: list[int], state: Any) -> list[str]:
@@ -132,19 +131,13 @@ class SequenceKD:
             chosen.append(hyps[int(np.argmax(scores))])  # ties: the higher-ranked beam
         return chosen
 
-    def _add(self, key: str, value: float, mean: bool = False) -> None:
-        name = f"{NAME}/{key}"
-        if mean:
-            count = self._logs.get(f"{name}#n", 0.0)
-            self._logs[name] = (self._logs.get(name, 0.0) * count + value) / (count + 1)
-            self._logs[f"{name}#n"] = count + 1
-        else:
-            self._logs[name] = self._logs.get(name, 0.0) + value
-
     @hookimpl
     def on_step_end(self, state: Any, logs: dict[str, float]) -> None:
-        logs.update({k: v for k, v in self._logs.items() if not k.endswith("#n")})
-        self._logs = {}
+        if self._logs:
+            decoded, seconds, changed = zip(*self._logs)
+            logs.update({f"{NAME}/decoded": float(sum(decoded)), f"{NAME}/decode_s": sum(seconds),
+                         f"{NAME}/changed": sum(changed) / len(changed)})
+        self._logs = []
 
     @hookimpl
     def on_train_end(self, state: Any, metrics: dict[str, Any]) -> None:

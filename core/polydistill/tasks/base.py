@@ -140,6 +140,19 @@ class Task:
         enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in tokenizer.model_input_names}, None, None
 
+    def trim_padding(self, inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Drop the input columns that are padding in every row (left or right), shifting the read positions
+        alike (a subset of a batch, run for the cache, is then padded as it would be on its own)."""
+        mask = inputs["attention_mask"]
+        used = mask.bool().any(0).nonzero().flatten()
+        if not len(used):
+            return inputs, words
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        inputs = {k: v[:, lo:hi] if v.shape == mask.shape else v for k, v in inputs.items()}
+        if words is not None and lo:
+            words = torch.where(words >= 0, words - lo, words)
+        return inputs, words
+
     def row_labels(self, value: Any) -> list[Any]:
         """The labels in one row's label cell."""
         return [value]

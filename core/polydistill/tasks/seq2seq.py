@@ -49,6 +49,12 @@ class Seq2Seq(Task):
     def generation_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
 
+    def trim_padding(self, inputs: dict[str, torch.Tensor], words: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The source's padding columns go; the target (``labels``) and its decoder positions stay as they are."""
+        labels = inputs["labels"]
+        trimmed, _ = super().trim_padding({k: v for k, v in inputs.items() if k != "labels"}, None)
+        return {**trimmed, "labels": labels}, words
+
     def read_outputs(self, out: Any, result: ModelOutputs, words: torch.Tensor | None, pooling: str) -> None:
         if words is None:
             raise ValueError("seq2seq needs the target positions")

@@ -223,7 +223,7 @@ def test_token_evaluation_counts_and_reports_words_cut_by_max_length(models, tmp
     assert cut["de"] == 0 and 0 < cut["en"] < len(long)
 
 
-@pytest.mark.parametrize("task", ["causal_lm", "seq2seq"])
+@pytest.mark.parametrize("task", ["causal_lm", "seq2seq", "question_answering"])
 def test_generative_tasks_resume_exactly(models, data, tmp_path, task):
     """Interrupted after 4 steps and resumed: the same weights as a straight run (dropout on: RNG restored)."""
     from polydistill.testing import assert_same_student, interrupted_and_resumed

@@ -169,7 +169,8 @@ def evaluate(
         labels = cfg.labels or M.model_labels(model)
         tokenizer = M.load_tokenizer(tok or path, name, task=cfg.task)
         results[name] = evaluate_model(model, tokenizer, data, cfg.task, labels, dc.max_length, dc.eval_batch_size or 2 * dc.batch_size,
-                                       cfg.pooling, generation=cfg.generation.model_dump(), progress=cfg.training.progress)
+                                       cfg.pooling, generation=cfg.generation.model_dump(), progress=cfg.training.progress,
+                                       doc_stride=dc.doc_stride)
     return results
 
 

@@ -146,7 +146,8 @@ class Columns(StrictModel):
     source: str | None = Field(None, description='Column the teachers read in `parallel` mode (source language); required on every training source in that mode. For embedding evaluation, the other side of each pair.')
     label: str | None = Field(None, description='Gold label: a class name from `labels` or an integer id; for token tasks a list of tags (names or ids), one per word.')
     lang: str | None = Field(None, description="Column holding each row's language tag; else the source's `lang`.")
-    target: str | None = Field(None, description='Generative tasks: the text the model learns to produce: the translation (`seq2seq`), or the response to the prompt in `text` (`causal_lm`, whose loss is then on the response only).')
+    target: str | None = Field(None, description='Generative tasks: the text the model learns to produce: the translation (`seq2seq`), or the response to the prompt in `text` (`causal_lm`, whose loss is then on the response only). `question_answering`: the answer (a string, a list of acceptable strings, or SQuAD\'s `{text: [...], answer_start: [...]}`).')
+    context: str | None = Field(None, description='`question_answering`: the passage the answer is in (`text` holds the question).')
 
 
 class DataSource(StrictModel):
@@ -182,6 +183,7 @@ class DataConfig(StrictModel):
     )
     eval: list[DataSource] = Field(default_factory=list, description='Evaluation data; metrics are reported per language. Cannot be streamed.')
     max_length: int = Field(128, ge=2, description='Truncate each text to this many tokens.')
+    doc_stride: int = Field(32, ge=0, description='`question_answering`: a context longer than `max_length` is cut into windows that share this many tokens with their neighbour; below `max_length / 2`.')
     batch_size: int = Field(32, ge=1, description='Training batch size per device (per micro-batch with gradient accumulation).')
     eval_batch_size: int | None = Field(None, ge=1, description='Evaluation batch size.')
     length_grouping: bool = Field(True, description='Group texts of similar length into batches (less padding): indices are shuffled, cut into mega-batches of 50 batches, sorted by length within each, and the batch order is shuffled.')
@@ -249,7 +251,7 @@ class CacheConfig(StrictModel):
 class Config(StrictModel):
     """A polydistill run."""
 
-    task: str = Field(description='What the models do: an installed task (entry-point group `polydistill.tasks`). Built in: `sequence_classification` (one label per text), `token_classification` (one tag per word; texts are lists of words), `embedding` (pooled sentence embeddings; the model is loaded with `AutoModel`).')
+    task: str = Field(description='What the models do: an installed task (entry-point group `polydistill.tasks`). Built in: `sequence_classification` (one label per text), `token_classification` (one tag per word; texts are lists of words), `embedding` (pooled sentence embeddings; the model is loaded with `AutoModel`), `causal_lm` (next tokens of a decoder-only LM), `seq2seq` (text to text, e.g. translation), `question_answering` (extractive answer spans; docs/tasks.md).')
     mode: Literal["same", "parallel"] = Field(
         "same", description='`same`: teacher and student read the same text. `parallel`: the teacher reads `columns.source`, the student `columns.text`.'
     )

@@ -186,8 +186,9 @@ def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:
     """The mapped columns of an in-memory dataset hold what the task reads: text (or, for token
     tasks, lists of words) and language tags as strings, no nulls, as many tags as words."""
     cols = source.columns
-    words = get_task(task).text_is_words
-    roles = {"text": cols.text, "source": cols.source, "lang": cols.lang, "target": cols.target}
+    spec = get_task(task)
+    words = spec.text_is_words
+    roles = {"text": cols.text, "source": cols.source, "lang": cols.lang, "target": cols.target, "context": cols.context}
     for role, column in roles.items():
         if column is None or role not in ds.column_names:
             continue
@@ -196,6 +197,9 @@ def check_values(ds: Any, source: DataSource, task: str, where: str) -> None:
         for n, value in enumerate(ds[role]):
             if listed:
                 good = isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value)
+            elif role == "target":
+                expect = spec.target_error(value) or ""
+                good = not expect
             else:
                 good = isinstance(value, str)
             if not good:
@@ -234,7 +238,8 @@ def normalise(ds: Any, source: DataSource, where: str) -> Any:
     """Keep and rename the mapped columns to text/source/label/lang; apply filter and limit."""
     cols = source.columns
     names = list(ds.column_names or [])
-    wanted = {"text": cols.text, "source": cols.source, "label": cols.label, "lang": cols.lang, "target": cols.target}
+    wanted = {"text": cols.text, "source": cols.source, "label": cols.label, "lang": cols.lang, "target": cols.target,
+              "context": cols.context}
     for role, col in wanted.items():
         if col is not None and names and col not in names:
             raise DataError(f"data {where}: column '{col}' (columns.{role}) not found; columns are: {', '.join(names)}")
@@ -343,9 +348,14 @@ class Collator:
         self.label2id = {name: i for i, name in enumerate(labels or [])}
         self.parallel = parallel
         self.words = self.task.text_is_words
+        self.pairs = self.task.reads_context
+
+    def texts(self, rows: Any) -> list[Any]:
+        """The texts of ``rows`` (a column mapping, or a dataset): (text, context) pairs for a task that reads both."""
+        return list(zip(rows["text"], rows["context"])) if self.pairs else rows["text"]
 
     def __call__(self, rows: dict[str, list[Any]]) -> Batch:
-        texts = rows["text"]
+        texts = self.texts(rows)
         teacher_texts = rows["source"] if self.parallel else texts
         labels = self.encode_labels(rows.get("label"), texts) if "label" in rows else None
         meta = {"index": rows["__index__"]} if "__index__" in rows else {}
@@ -367,17 +377,24 @@ class Collator:
     def _check_texts(self, texts: list[Any]) -> None:
         # Loaded data is checked when it loads (check_values); streamed rows are checked here.
         for text in texts:
-            good = (isinstance(text, (list, tuple)) and all(isinstance(w, str) for w in text)) if self.words else isinstance(text, str)
+            if self.pairs:
+                good = isinstance(text, (list, tuple)) and len(text) == 2 and all(isinstance(t, str) for t in text)
+            elif self.words:
+                good = isinstance(text, (list, tuple)) and all(isinstance(w, str) for w in text)
+            else:
+                good = isinstance(text, str)
             if not good:
                 shown = "null" if text is None else f"{type(text).__name__} {text!r}"[:80]
-                expect = "a list of words (strings)" if self.words else "a string"
+                expect = "a (question, context) pair of strings" if self.pairs else "a list of words (strings)" if self.words else "a string"
                 raise DataError(f"data.train: a row's text (columns.text, or columns.source) is {shown}; expected {expect}")
 
     def _encode_one(self, tokenizer: Any, texts: list[Any], targets: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
         self._check_texts(texts)
-        if targets is not None and not all(isinstance(t, str) for t in targets):
-            bad = next(t for t in targets if not isinstance(t, str))
-            raise DataError(f"data.train: a row's target (columns.target) is {'null' if bad is None else type(bad).__name__}; expected a string")
+        if targets is not None:
+            for t in targets:
+                expect = self.task.target_error(t)
+                if expect:
+                    raise DataError(f"data.train: a row's target (columns.target) is {'null' if t is None else type(t).__name__}; expected {expect}")
         return self.task.encode(tokenizer, texts, self.max_length, self.padding, targets)
 
     def encode(self, texts: list[Any], teacher_texts: list[Any], langs: list[str], labels: torch.Tensor | None, meta: dict[str, Any],
@@ -497,7 +514,7 @@ class Loader(BatchSource):
         self.shuffle = shuffle
         self.num_shards = num_shards
         self.shard = shard
-        self.lengths = collator.lengths(dataset["text"]) if group else None
+        self.lengths = collator.lengths(collator.texts(dataset)) if group else None
         self.group = group
 
     def batches(self, epoch: int) -> list[np.ndarray]:
@@ -518,7 +535,7 @@ class Loader(BatchSource):
     def padding_stats(self, epoch: int = 0) -> float:
         """Fraction of real (non-pad) tokens in the epoch's batches."""
         if self.lengths is None:
-            self.lengths = self.collator.lengths(self.dataset["text"])
+            self.lengths = self.collator.lengths(self.collator.texts(self.dataset))
         real = padded = 0
         for idx in self.batches(epoch):
             ls = self.lengths[idx]
@@ -563,7 +580,7 @@ class StreamLoader(BatchSource):
                 raise DataError(f"data.train: a streamed source is not UTF-8 after {count} batches ({exc})") from None
             if not chunk:
                 return
-            texts = [r["text"] for r in chunk]
+            texts = self.collator.texts({k: [r[k] for r in chunk] for k in ("text", "context") if k in chunk[0]})
             lengths = self.collator.lengths(texts) if self.group else None
             plan = plan_batches(lengths, len(chunk), self.batch_size, self.seed + 1000003 * epoch + part, self.shuffle, self.group)
             for b, idx in enumerate(plan):

@@ -17,8 +17,9 @@ class _Predictor:
     """:class:`~polydistill.tasks.base.Predict` for one model: forward passes and decoding in batches."""
 
     def __init__(self, model: Any, tokenizer: Any, collator: Collator, task: Task, batch_size: int, pooling: str,
-                 device: Any, generation: dict[str, Any], progress: bool, reference: Any = None):
+                 device: Any, generation: dict[str, Any], progress: bool, reference: Any = None, doc_stride: int = 32):
         self.model, self.tokenizer, self.collator, self.task = model, tokenizer, collator, task
+        self.doc_stride = doc_stride
         self.batch_size, self.pooling, self.device = batch_size, pooling, device
         self.generation, self.progress, self.reference = generation, progress, reference
 
@@ -63,6 +64,7 @@ def evaluate_model(
     generation: dict[str, Any] | None = None,
     progress: bool = False,
     reference: torch.nn.Module | None = None,
+    doc_stride: int = 32,
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (normalised columns text/source/label/lang/target).
 
@@ -75,7 +77,8 @@ def evaluate_model(
     their own (``polydistill.tasks``), decoding with ``generation`` (``config.generation``'s
     fields) and, with ``progress``, a progress bar per pass. ``reference``: a model reading the same
     tokens (a teacher) whose outputs reach the task as ``outputs.extra["reference"]``, for metrics that
-    compare the two (causal_lm: ``teacher_agreement``).
+    compare the two (causal_lm: ``teacher_agreement``). ``doc_stride``: ``data.doc_stride`` (question answering's
+    windows over long contexts).
     """
     from polydistill.config import GenerationConfig
 
@@ -85,7 +88,7 @@ def evaluate_model(
         raise ValueError(f"{task.name} evaluation needs columns.{task.eval_column}: {task.eval_column_why}")
     collator = Collator(task, tokenizer, [], max_length, "longest", labels)
     settings = GenerationConfig.model_validate(generation or {}).model_dump()
-    predict = _Predictor(model, tokenizer, collator, task, batch_size, pooling, device, settings, progress, reference)
+    predict = _Predictor(model, tokenizer, collator, task, batch_size, pooling, device, settings, progress, reference, doc_stride)
     was_training = model.training
     model.eval()
     try:

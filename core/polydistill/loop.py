@@ -72,6 +72,8 @@ class Trainer:
         if V.active(config.student.vocabulary):
             self.vocabulary = V.build_vocabulary(config, student, student_tok, self.train_data, self.eval_data)
             student_tok = self.vocabulary.tokenizer
+        if self.train_data is not None:  # e.g. long question-answering contexts become windows
+            self.train_data = get_task(config.task).prepare_data(self.train_data, student_tok, dc.max_length, dc.doc_stride)
         self.collator = Collator(config.task, student_tok, teacher_toks, dc.max_length, dc.padding, labels, config.mode == "parallel")
         acc = self.accelerator
         self.loader = make_loader(
@@ -383,7 +385,7 @@ class Trainer:
             state.unwrapped_student(), state.student_tokenizer, self.eval_data, self.config.task, state.labels,
             dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, self.config.pooling, state.device,
             self.config.generation.model_dump(), self.config.training.progress and self.accelerator.is_local_main_process,
-            reference=state.teachers[0] if compare else None,
+            reference=state.teachers[0] if compare else None, doc_stride=dc.doc_stride,
         )
         extra = self.host.run("on_evaluate", state=state, metrics=metrics)
         if extra:

@@ -121,11 +121,17 @@ def _check_source(config: Config, where: str, source: DataSource, evaluation: bo
     if evaluation and getattr(cols, task.eval_column) is None:
         problems.append(f"{where}.columns.{task.eval_column}: {task.eval_column_why}")
     if cols.target is not None and task.reads_target == "no":
-        problems.append(f"{where}.columns.target: task {task.name} reads no target text (generative tasks do: causal_lm, seq2seq)")
+        problems.append(f"{where}.columns.target: task {task.name} reads no target text (generative tasks do: causal_lm, seq2seq; "
+                        "and question_answering its answers)")
+    if cols.context is None and task.reads_context:
+        problems.append(f"{where}.columns.context: task {task.name} reads a passage with each text; give the column that holds it")
+    if cols.context is not None and not task.reads_context:
+        problems.append(f"{where}.columns.context: task {task.name} reads no context passage (question_answering does)")
     if cols.target is None and task.reads_target == "required" and not (evaluation and task.eval_column == "target"):
         problems.append(f"{where}.columns.target: task {task.name} learns to produce a target text; give the column that holds it")
     wanted = {f"columns.{role}": col for role, col in
-              (("text", cols.text), ("source", cols.source), ("label", cols.label), ("lang", cols.lang), ("target", cols.target))
+              (("text", cols.text), ("source", cols.source), ("label", cols.label), ("lang", cols.lang), ("target", cols.target),
+               ("context", cols.context))
               if col is not None}
     wanted.update({f"filter.{k}": k for k in (source.filter or {})})
     if source.aligned is not None:

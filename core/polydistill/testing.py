@@ -96,7 +96,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     ``LABELS``; ``embed`` is a bare encoder; ``tagger`` tags ``TAGS``;
     ``other_tok`` classifies with another vocabulary (a student that
     tokenizes differently); ``lm`` is a 4-layer GPT-2 language model, ``mt`` a
-    2+2-layer Marian translation model. All but
+    2+2-layer Marian translation model, ``qa`` a 2-layer extractive QA model. All but
     ``other_tok`` share one tokenizer.
     Heads are random: use ``tiny_trained_teacher`` for a teacher that knows
     the labels.
@@ -117,6 +117,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
                                       id2label=id2label, num_layers=2, seed=6),
         "lm": build_tiny_model(root / "lm", TEXTS, task="causal_lm", tokenizer=tok, num_layers=4, seed=7),
         "mt": build_tiny_model(root / "mt", TEXTS, task="seq2seq", tokenizer=tok, num_layers=2, seed=8),
+        "qa": build_tiny_model(root / "qa", TEXTS, task="question_answering", tokenizer=tok, num_layers=2, seed=9),
     }
 
 
@@ -138,7 +139,26 @@ def write_tiny_data(root: Path) -> dict[str, Path]:
         "eval": write_jsonl(root / "eval.jsonl", [{"text": r["de"], "label": r["label"], "lang": "de"} for r in rows]
                             + [{"text": r["en"], "label": r["label"], "lang": "en"} for r in rows]),
         "tokens": write_jsonl(root / "tokens.jsonl", tokens),
+        "qa": write_jsonl(root / "qa.jsonl", qa_rows()),
     }
+
+
+def qa_rows(sentences: int = 4) -> list[dict[str, Any]]:
+    """Extractive QA rows in both languages of ``PAIRS``: a context of ``sentences`` consecutive sentences,
+    a question (one sentence without its last word) and its answer (that word), SQuAD-style
+    (``answers: {text, answer_start}``), with ``lang``."""
+    rows = []
+    for side, lang in ((0, "en"), (1, "de")):
+        texts = [p[side] for p in PAIRS]
+        for i in range(len(texts)):
+            chosen = [texts[(i + k) % len(texts)] for k in range(sentences)]
+            context = " . ".join(chosen) + " ."
+            asked = chosen[i % sentences]
+            *head, last = asked.split()
+            start = context.index(asked) + len(asked) - len(last)
+            rows.append({"question": " ".join(head) + " ?", "context": context,
+                         "answers": {"text": [last], "answer_start": [start]}, "lang": lang})
+    return rows
 
 
 def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, task: str = "sequence_classification", **overrides: Any) -> dict:
@@ -154,6 +174,9 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
       the next tokens of the en/de sentences; evaluated on the same sentences.
     - ``seq2seq``: ``mt`` teaches a 1+1-layer student cut from it to translate
       English into German; evaluated by BLEU/chrF on the same pairs.
+    - ``question_answering``: ``qa`` teaches a 1-layer student cut from it the
+      answer spans of ``qa_rows`` (contexts longer than ``max_length`` 24, in
+      windows); evaluated by exact match and F1 on the same rows.
 
     ``overrides`` set fields by path, with ``__`` between the parts:
     ``training__max_steps=3``, ``plugins={"kd": False}``.
@@ -169,11 +192,13 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
                       {"path": str(data["eval"]), "columns": {"text": "text", "lang": "lang"}}),
         "seq2seq": ("mt", "same", translate := {"path": str(data["parallel"]), "columns": {"text": "en", "target": "de", "lang": "lang"}},
                     translate),
+        "question_answering": ("qa", "same", qa := {"path": str(data["qa"]), "columns": {
+            "text": "question", "context": "context", "target": "answers", "lang": "lang"}}, qa),
     }
     if task not in runs:
         raise ValueError(f"unknown task {task!r}; tiny_config has runs for {', '.join(sorted(runs))}")
     teacher, mode, train, evaluation = runs[task]
-    cut = {"teacher": [0, 2], "mt": [0]}.get(teacher, [0, 1])  # the mt student keeps one block of each stack
+    cut = {"teacher": [0, 2], "mt": [0], "qa": [0]}.get(teacher, [0, 1])  # the mt student keeps one block of each stack
     student: dict[str, Any] = {"from_teacher": {"layers": cut, **({"decoder_layers": [0]} if teacher == "mt" else {})}}
     cfg: dict[str, Any] = {
         "task": task,
@@ -184,6 +209,8 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
         "training": {"epochs": 1, "learning_rate": 1e-3, "progress": False, "log_every": 1, "seed": 3},
         "output_dir": str(Path(tmp_path) / "run"),
     }
+    if task == "question_answering":
+        cfg["data"].update(max_length=24, doc_stride=4)
     return with_fields(cfg, **overrides)
 
 

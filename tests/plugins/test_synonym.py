@@ -12,6 +12,7 @@ import torch
 import polydistill
 from polydistill import ConfigError, PolydistillWarning, hookimpl
 from polydistill.loop import TrainState
+from polydistill.tasks import get_task
 from polydistill_plugins.augment import synonym as augment
 from polydistill_plugins.augment import SynonymAugment, load_wordnet
 
@@ -64,7 +65,8 @@ class Seen:
 
 def fake_state(seed=0, step=0, batch_in_epoch=0):
     state = SimpleNamespace(config=SimpleNamespace(training=SimpleNamespace(seed=seed), resolve_path=lambda p: p, mode="same"),
-                            step=step, epoch=0, batch_in_epoch=batch_in_epoch, accelerator=SimpleNamespace(process_index=0))
+                            step=step, epoch=0, batch_in_epoch=batch_in_epoch, accelerator=SimpleNamespace(process_index=0),
+                            task="sequence_classification", task_def=get_task("sequence_classification"))
     state.rng = lambda salt: TrainState.rng(state, salt)
     return state
 

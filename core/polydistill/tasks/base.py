@@ -13,7 +13,11 @@ from polydistill.errors import ConfigError
 
 class Predict(Protocol):
     """The evaluated model, over a dataset in batches: ``predict(dataset)`` gives (batch, outputs) of its
-    forward pass; ``predict.generate(dataset)`` (batch, generated texts) with ``config.generation``'s decoding."""
+    forward pass; ``predict.generate(dataset)`` (batch, generated texts) with ``config.generation``'s decoding.
+    ``tokenizer`` is the model's, ``doc_stride`` the run's ``data.doc_stride``."""
+
+    tokenizer: Any
+    doc_stride: int
 
     def __call__(self, dataset: Any) -> Iterable[tuple[Batch, ModelOutputs]]: ...
 
@@ -77,6 +81,9 @@ class Task:
     compares_with_teacher: ClassVar[bool] = False
     #: The metric tables show first.
     primary_metric: ClassVar[str] = ""
+    #: Rows pair ``text`` with a ``columns.context`` passage (question answering): texts reach :meth:`encode`
+    #: as ``(text, context)`` pairs.
+    reads_context: ClassVar[bool] = False
     #: The column evaluation reads besides ``text`` (``"label"``, ``"source"``, ``"target"``); ``eval_column_why`` says why.
     eval_column: ClassVar[str] = "label"
 
@@ -131,6 +138,15 @@ class Task:
         return None
 
     # ------------------------------------------------------------------ data
+
+    def target_error(self, value: Any) -> str | None:
+        """What a ``columns.target`` cell should be, when ``value`` is not that (None: it is)."""
+        return None if isinstance(value, str) else "a string"
+
+    def prepare_data(self, dataset: Any, tokenizer: Any, max_length: int, doc_stride: int) -> Any:
+        """The training rows as the samples batches are made of (``tokenizer``: the student's); by default
+        the rows themselves. Question answering cuts long contexts into windows here."""
+        return dataset
 
     def encode(self, tokenizer: Any, texts: list[Any], max_length: int, padding: str,
                targets: list[str] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:

@@ -129,6 +129,9 @@ class _Augment:
     @hookimpl
     def setup(self, state: Any) -> None:
         self.parallel = state.config.mode == "parallel"
+        if state.task_def.reads_context:
+            raise ConfigError(f"plugins.{self.name}: task {state.task} reads each text with a passage whose answer "
+                              "positions changed words would move; text augmentation cannot be used with it")
         if not self.parallel and self.settings.side == "teacher":
             raise self.error(
                 "side", "in mode 'same' the teacher and the student read one text; use 'student' (or 'both') to change it"

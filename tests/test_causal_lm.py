@@ -12,7 +12,7 @@ import polydistill
 from polydistill import ConfigError
 from polydistill import models as M
 from polydistill.tasks import get_task
-from polydistill_plugins.kd import divergences, kl_divergence
+from polydistill_plugins.kd import divergences, kl_divergence, uld_distance
 
 from conftest import PAIRS, TEXTS, tiny_config
 
@@ -192,12 +192,54 @@ def test_refusals_name_the_field(models, data, tmp_path):
     other = build_tiny_model(tmp_path / "other", TEXTS, task=TASK, tokenizer=train_tokenizer(TEXTS, vocab_size=120, lowercase=False))
     cfg = lm_config(models, data, tmp_path, training__max_steps=1)
     with pytest.raises(ConfigError, match=r"teachers: causal_lm distils per-token distributions over one vocabulary, but other "
-                                          r"reads other tokens than the student"):
+                                          r"reads other tokens than the student.*or a cross-tokenizer term \(plugins.kd.uld\)"):
         polydistill.train({**cfg, "teachers": [{"model": str(other), "name": "other"}], "student": {"model": str(models["lm"])}})
     with pytest.raises(ConfigError, match=r"mode 'parallel' does not work for causal_lm"):
         polydistill.train({**cfg, "mode": "parallel"})
     with pytest.raises(ConfigError, match=r"plugins\.kd\.skew: Input should be less than 1"):
         polydistill.train({**cfg, "plugins": {"kd": {"skew": 1.0}}})
+
+
+def test_uld_is_the_l1_distance_of_sorted_probabilities_paired_by_position():
+    student = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [5.0, 1.0, 0.0]]])  # 3 positions, 3 tokens
+    teacher = torch.tensor([[[0.0, 3.0], [1.0, 1.0]]])  # 2 positions, 2 tokens
+    s_mask = torch.tensor([[True, True, True]])
+    t_mask = torch.tensor([[True, False]])  # the teacher's second position is padding
+    by_hand = 0.0
+    p = torch.softmax(student[0, 0], -1).sort(descending=True).values
+    q = torch.softmax(teacher[0, 0], -1).sort(descending=True).values
+    by_hand = float((p - torch.cat([q, torch.zeros(1)])).abs().sum())  # the smaller vocabulary padded with 0
+    assert float(uld_distance(student, teacher, 1.0, s_mask, t_mask)) == pytest.approx(by_hand)
+    both = torch.tensor([[True, True]])
+    p2 = torch.softmax(student[0, 1], -1).sort(descending=True).values
+    second = float((p2 - torch.tensor([0.5, 0.5, 0.0])).abs().sum())
+    assert float(uld_distance(student, teacher, 1.0, s_mask, both)) == pytest.approx((by_hand + second) / 2)
+    # a permutation of the vocabulary changes nothing: only the sorted probabilities count
+    assert float(uld_distance(student[..., [2, 0, 1]], teacher.flip(-1), 1.0)) == pytest.approx(float(uld_distance(student, teacher, 1.0)))
+    assert float(uld_distance(teacher, teacher, 2.0)) == 0.0
+
+
+def test_a_teacher_with_another_tokenizer_teaches_through_uld(models, data, tmp_path):
+    from polydistill.tiny import build_tiny_model, train_tokenizer
+
+    other = build_tiny_model(tmp_path / "other", TEXTS, task=TASK, tokenizer=train_tokenizer(TEXTS, vocab_size=120, lowercase=False))
+    fine = lm_config(models, data, tmp_path / "t", training__epochs=15, training__learning_rate=3e-3, teachers=[])
+    fine["student"] = {"model": str(other)}
+    teacher = polydistill.train(fine).student_dir  # a trained teacher with its own vocabulary
+    cfg = lm_config(models, data, tmp_path / "s", training__epochs=8, training__learning_rate=3e-3,
+                    teachers=[{"model": str(teacher), "name": "other"}], plugins={"kd": {"uld": 1.0, "ce": 1.0, "temperature": 1.0}})
+    cfg["student"] = {"model": str(models["lm"])}
+    result = polydistill.train(cfg)
+    history = [r for r in _history(result.student_dir) if "loss/uld" in r]
+    assert "loss/kl" not in history[0]  # kl's default is off with uld
+    assert history[-1]["loss/uld"] < 0.7 * history[0]["loss/uld"]
+    with pytest.raises(ConfigError, match=r"plugins.kd.kl: other reads other tokens than the student"):
+        polydistill.train({**cfg, "plugins": {"kd": {"uld": 1.0, "kl": 1.0}}})
+    with pytest.raises(ConfigError, match=r"plugins.kd.uld: other reads other tokens .* cannot be fused"):
+        polydistill.train({**cfg, "teachers": [*cfg["teachers"], {"model": str(models["lm"]), "name": "lm"}]})
+    cls = tiny_config(models, data, tmp_path / "c", plugins={"kd": {"uld": 1.0}})
+    with pytest.raises(ConfigError, match=r"plugins.kd.uld: the cross-tokenizer term compares distributions over two vocabularies"):
+        polydistill.train(cls)
 
 
 class Forwards:

@@ -82,7 +82,6 @@ class Trainer:
         )
 
         same = [tok is None and config.mode == "same" for tok in self.collator.teacher_tokenizers]
-        get_task(config.task).check_teachers(config.teacher_names(), same)
         self.state = state = TrainState(
             config=config, accelerator=acc, student=student, teachers=teachers, teacher_names=config.teacher_names(),
             student_tokenizer=student_tok, teacher_tokenizers=teacher_toks, labels=labels, plugins=self.host,
@@ -96,6 +95,8 @@ class Trainer:
 
         # Plugin modules join the student's optimizer; then everything is placed.
         state.modules, own = build.plugin_modules(self.host, state)
+        # after the plugins declared themselves: a cross-tokenizer term lets per-token tasks learn from other tokens
+        get_task(config.task).check_teachers(config.teacher_names(), [s or state.cross_tokenizer is not None for s in same])
         # Plugin modules are called outside the student's forward, so DDP must not wrap
         # them: they are placed, their gradients averaged in step(), their weights
         # checkpointed by the core. Teachers are placed, not prepared, so checkpoints

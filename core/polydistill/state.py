@@ -40,6 +40,9 @@ class TrainState:
     output_dir: Path
     #: Per teacher: True when it reads exactly the student's tokens (same tokenizer, same text).
     same_tokens: list[bool] = field(default_factory=list)
+    #: Set to its name by a plugin (in ``trainable_modules``) whose terms compare a teacher with the student
+    #: across tokenizers (kd's ``uld``): per-token tasks then accept teachers that read other tokens. Since API 1.2.
+    cross_tokenizer: str | None = None
     optimizer: Any = None
     scheduler: Any = None
     step: int = 0

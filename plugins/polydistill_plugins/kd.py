@@ -39,7 +39,7 @@ from polydistill import ConfigError, PluginSettings, hookimpl
 
 
 class Settings(PluginSettings):
-    kl: float | None = Field(None, ge=0, description="Weight of the KL term; default 1 for classification tasks with a teacher, else 0.")
+    kl: float | None = Field(None, ge=0, description="Weight of the KL term; default 1 for classification tasks with a teacher (0 when `uld` is set), else 0.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature of the KL term.")
     divergence: Literal["forward", "reverse", "skew_forward", "skew_reverse", "jsd"] = Field(
         "forward",
@@ -51,6 +51,7 @@ class Settings(PluginSettings):
     )
     skew: float = Field(0.1, gt=0, lt=1, description="α of skew_forward / skew_reverse: the share of the distribution the divergence is taken from in the mixture (DistiLLM's default 0.1).")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="β of jsd: the teacher's share of the mixture and the weight of KL(p||m); near 0 it behaves like forward KL, near 1 like reverse KL (each scaled down).")
+    uld: float = Field(0.0, ge=0, description="Weight of the cross-tokenizer term (ULD, Boizard et al. 2024): the L1 distance between the teacher's and the student's token probabilities, each sorted, at `temperature`, at the n-th target token of each (positions paired in order, up to the shorter); needs no shared vocabulary, so the teacher may have another tokenizer (causal_lm, seq2seq).")
     ce: float | None = Field(None, ge=0, description="Weight of hard-label cross-entropy; default 1 without a teacher, else 0.")
     mse: float | None = Field(None, ge=0, description="Weight of embedding MSE; default 1 for the embedding task, else 0.")
     cosine: float = Field(0.0, ge=0, description="Weight of embedding cosine loss (1 - cos).")
@@ -108,6 +109,30 @@ def divergences(s_log: torch.Tensor, t_log: torch.Tensor, divergence: str = "for
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
+def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: Any = 1.0,
+                 student_mask: torch.Tensor | None = None, teacher_mask: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """ULD (Boizard et al. 2024): mean over paired positions of sum_i |p_(i) - q_(i)|, the teacher's and the
+    student's probabilities at ``temperature`` sorted in decreasing order (the shorter vocabulary padded with 0).
+
+    ``(B, Ws, Vs)`` and ``(B, Wt, Vt)``: position n of one is paired with position n of the other, up to the
+    shorter of the two in each row (masks mark each row's valid positions, a prefix).
+    """
+    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+    t = t.view(-1, 1, 1) if t.dim() else t
+    width = min(student_logits.size(1), teacher_logits.size(1))
+    s_p = F.softmax(student_logits[:, :width] / t, dim=-1).sort(dim=-1, descending=True).values
+    t_p = F.softmax(teacher_logits[:, :width].to(student_logits.dtype) / t, dim=-1).sort(dim=-1, descending=True).values
+    vocab = max(s_p.size(-1), t_p.size(-1))
+    s_p, t_p = F.pad(s_p, (0, vocab - s_p.size(-1))), F.pad(t_p, (0, vocab - t_p.size(-1)))
+    per = (s_p - t_p).abs().sum(-1)
+    mask = torch.ones(per.shape, dtype=torch.bool, device=per.device)
+    for m in (student_mask, teacher_mask):
+        if m is not None:
+            mask = mask & m[:, :width].to(per.device)
+    return _reduce(per, mask, weights)
+
+
 def _reduce(per: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None) -> torch.Tensor:
     """Average per-sample (B,) or per-word (B, W) values, honouring a word mask and sample weights."""
     w = torch.ones_like(per)
@@ -139,14 +164,15 @@ class StandardKD:
         s, task, has_teacher = self.settings, state.task_def, bool(state.teachers)
         classify, embed = task.class_logits, task.output_field == "embeddings"
         self.weights = {
-            "kl": s.kl if s.kl is not None else float(classify and has_teacher),
+            "kl": s.kl if s.kl is not None else float(classify and has_teacher and not s.uld),
+            "uld": s.uld,
             "ce": s.ce if s.ce is not None else float(classify and not has_teacher),
             "mse": s.mse if s.mse is not None else float(embed and has_teacher),
             "cosine": s.cosine,
             "hidden": s.hidden,
             "attention": s.attention,
         }
-        teacher_terms = ("kl", "mse", "cosine", "hidden", "attention")
+        teacher_terms = ("kl", "uld", "mse", "cosine", "hidden", "attention")
         if not has_teacher and not classify:
             raise ConfigError(f"teachers: the {task.name} task has no gold labels to learn from, only a teacher's outputs; "
                               "give at least one teacher")
@@ -159,6 +185,18 @@ class StandardKD:
         if not embed and (self.weights["mse"] or self.weights["cosine"]):
             raise ConfigError(f"plugins.kd.{'mse' if self.weights['mse'] else 'cosine'}: embedding terms need a task "
                               f"with sentence embeddings (task: embedding), not {task.name}")
+        if self.weights["uld"] and not task.cache_needs_top_k:
+            raise ConfigError(f"plugins.kd.uld: the cross-tokenizer term compares distributions over two vocabularies, which "
+                              f"the {task.name} task's outputs are not (causal_lm and seq2seq's are)")
+        if self.weights["uld"]:
+            state.cross_tokenizer = "kd"
+            other = [n for n, same in zip(state.teacher_names, state.same_tokens) if not same]
+            if other and len(state.teachers) > 1:
+                raise ConfigError(f"plugins.kd.uld: {', '.join(other)} reads other tokens than the student, and outputs over "
+                                  "different vocabularies cannot be fused into one; distil from that teacher alone")
+            if self.weights["kl"] and other:
+                raise ConfigError(f"plugins.kd.kl: {', '.join(other)} reads other tokens than the student, so their "
+                                  "distributions are over another vocabulary; use uld alone with such a teacher (kl: 0)")
         for k in ("hidden", "attention"):
             if self.weights[k] and not all(state.same_tokens[:1]):
                 raise ConfigError(
@@ -215,6 +253,10 @@ class StandardKD:
             s = self.settings
             terms["kl"] = w["kl"] * kl_divergence(student_out.logits, teacher_out.logits, temperature, mask, weights,
                                                   s.divergence, s.skew, s.jsd_beta)
+        if w.get("uld"):
+            temperature = hints.resolve_temperature(student_out, teacher_out, self.settings.temperature)
+            terms["uld"] = w["uld"] * uld_distance(student_out.logits, teacher_out.logits, temperature,
+                                                   student_out.word_mask, teacher_out.word_mask, weights)
         if w["mse"] or w["cosine"]:
             s_emb = student_out.embeddings
             if "embedding" in self.projections:

@@ -114,8 +114,9 @@ class Task:
         if self.per_token and other:
             raise ConfigError(
                 f"teachers: {self.name} distils per-token distributions over one vocabulary, but {', '.join(other)} reads "
-                "other tokens than the student (another tokenizer); use teachers with the student's tokenizer, or a "
+                "other tokens than the student (another tokenizer); use teachers with the student's tokenizer, a "
                 "student built from the teacher (student.config with base: the teacher, or student.from_teacher)"
+                + (", or a cross-tokenizer term (plugins.kd.uld)" if self.cache_needs_top_k else "")
             )
 
     def label_config(self, labels: list[str] | None) -> dict[str, Any]:

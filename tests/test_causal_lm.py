@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +284,43 @@ def test_a_top_k_row_keeps_the_top_k_and_spreads_the_rest(models):
     torch.testing.assert_close(q.sum(-1), torch.ones(3))  # a distribution
     rest = torch.ones_like(p, dtype=torch.bool).scatter(-1, top.indices, False)
     torch.testing.assert_close(q[rest].view(3, 7), ((1 - top.values.sum(-1, keepdim=True)) / 7).expand(3, 7))
+
+
+def test_sampled_rows_are_an_unbiased_estimate_of_the_teachers_distribution():
+    from polydistill.tasks.base import _spread
+
+    torch.manual_seed(0)
+    logits = torch.randn(11).mul(2).expand(1, 20000, 11)  # one distribution at 20000 positions
+    out = polydistill.ModelOutputs(logits=logits, word_mask=torch.ones(1, 20000, dtype=torch.bool))
+    p = torch.softmax(logits[0, 0], -1)
+    means = {}
+    for sample in (False, True):
+        (row,) = get_task(TASK).cache_rows(out, top_k=4, sample=sample)
+        q = torch.from_numpy(_spread(row, 11)).exp()
+        torch.testing.assert_close(q.sum(-1), torch.ones(20000))
+        means[sample] = q.mean(0)
+    # 4 draws per position: each one's frequencies, averaged over positions, come back to p
+    error = {k: float((m - p).abs().sum()) for k, m in means.items()}  # twice the total variation distance
+    assert error[True] < 0.01 and error[True] < 0.5 * error[False], error  # the most likely 4 and an even tail do not
+    (row,) = get_task(TASK).cache_rows(out, top_k=4, sample=True)
+    assert set(np.unique(np.exp(row[:, 4:]).round(6))) <= {0.0, 0.25, 0.5, 0.75, 1.0}  # frequencies of 4 draws
+
+
+def test_sampled_teacher_outputs_train_from_the_cache(models, data, tmp_path):
+    fields = dict(training__epochs=2, data__eval=[])
+    forwards = Forwards()
+    cfg = lm_config(models, data, tmp_path / "sampled", **fields, plugins={"kd": {"temperature": 1.0}},
+                    cache={"enabled": True, "dir": str(tmp_path / "cache"), "top_k": 8, "top_k_method": "sample"})
+    result = polydistill.train(cfg, plugins=[("forwards", forwards)])
+    assert set(forwards.per_epoch) == {0}
+    assert all(math.isfinite(r["loss/kl"]) for r in result.history if "loss/kl" in r)
+    again = Forwards()  # the top-k entries are another key: a top run computes its own
+    polydistill.train(lm_config(models, data, tmp_path / "top", **fields,
+                                cache={"enabled": True, "dir": str(tmp_path / "cache"), "top_k": 8}), plugins=[("forwards", again)])
+    assert set(again.per_epoch) == {0}
+    cfg["output_dir"], cfg["plugins"] = str(tmp_path / "reverse"), {"kd": {"temperature": 1.0, "divergence": "reverse"}}
+    with pytest.warns(polydistill.PolydistillWarning, match=r"plugins.kd: cache.top_k_method 'sample' .* forward KL at temperature 1 only"):
+        polydistill.train({**cfg, "training": {**cfg["training"], "max_steps": 1}})
 
 
 def test_the_cache_is_not_used_and_says_why(models, data, tmp_path, capsys):

@@ -51,7 +51,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha1(json.dumps(tokenizer_spec(tokenizer), sort_keys=True).encode()).hexdigest()
 
 
-def read_settings(task: str, pooling: str, max_length: int, mixed_precision: str, tokenizer: Any, top_k: int | None = None) -> dict[str, Any]:
+def read_settings(task: str, pooling: str, max_length: int, mixed_precision: str, tokenizer: Any, top_k: int | None = None,
+                  top_k_method: str = "top") -> dict[str, Any]:
     """Everything besides the teacher's weights and the text that changes what the teacher outputs."""
     settings = {
         "task": task,
@@ -62,6 +63,8 @@ def read_settings(task: str, pooling: str, max_length: int, mixed_precision: str
     }
     if top_k is not None:  # only in the key of what it changes, so other tasks' entries keep theirs
         settings["top_k"] = top_k
+        if top_k_method != "top":
+            settings["top_k_method"] = top_k_method
     return settings
 
 

@@ -245,7 +245,8 @@ class CacheConfig(StrictModel):
     enabled: bool = Field(False, description='Use the cache.')
     dir: str | None = Field(None, description='Directory of the SQLite file `teacher-outputs.sqlite`.')
     dtype: Literal["float16", "float32"] = Field("float32", description='Storage precision.')
-    top_k: int | None = Field(None, ge=1, description="Tasks whose teacher outputs are distributions over a vocabulary (causal_lm, seq2seq) are cached only with this: each target token keeps its top_k log-probabilities, and the rest of the mass is spread evenly over the other tokens when read back (biased: the tail's shape is lost; see docs/tasks.md). Other tasks ignore it.")
+    top_k: int | None = Field(None, ge=1, description="Tasks whose teacher outputs are distributions over a vocabulary (causal_lm, seq2seq) are cached only with this: each target token keeps top_k tokens with their log-probabilities (`top_k_method`), and the rest of the mass is spread evenly over the other tokens when read back. Other tasks ignore it.")
+    top_k_method: Literal["top", "sample"] = Field("top", description="Which tokens `top_k` keeps: `top`, the most likely ones (biased: the tail's shape is lost); `sample`, top_k draws from the teacher's distribution (seeded), kept as their frequencies: an unbiased estimate of the distribution, so forward KL at temperature 1 has an unbiased gradient (see docs/tasks.md).")
 
 
 class Config(StrictModel):

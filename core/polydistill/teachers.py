@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 class TeacherRunner:
     """The run's teachers, each with its cache (None: off), for one :class:`~polydistill.TrainState`."""
 
-    def __init__(self, state: TrainState, caches: list[TeacherCache | None], top_k: int | None = None):
+    def __init__(self, state: TrainState, caches: list[TeacherCache | None], top_k: int | None = None, sample: bool = False):
         self.state = state
         self.caches = caches
         self.task = get_task(state.config.task)
-        self.top_k = top_k  # vocabulary-sized outputs are cached as their top-k log-probabilities
+        self.top_k = top_k  # vocabulary-sized outputs are cached as top_k tokens with their log-probabilities
+        self.sample = sample  # those tokens drawn from the distribution (else the most likely)
         self.widths = [_output_width(t) if top_k else None for t in state.teachers]
 
     @classmethod
@@ -48,10 +49,10 @@ class TeacherRunner:
         return cls(state, [
             TeacherCache(directory, fingerprint(state.accelerator.unwrap_model(t)),
                          read_settings(config.task, config.pooling, config.data.max_length, config.training.mixed_precision,
-                                       tok, top_k),
+                                       tok, top_k, cc.top_k_method if top_k else "top"),
                          "float32" if top_k else cc.dtype)  # token ids must stay exact
             for t, tok in zip(state.teachers, state.teacher_tokenizers)
-        ], top_k)
+        ], top_k, bool(top_k) and cc.top_k_method == "sample")
 
     def outputs(self, batch: Batch) -> ModelOutputs | None:
         """select_teachers -> teacher_outputs, with the core defaults when no plugin answers."""
@@ -134,7 +135,7 @@ class TeacherRunner:
             sub_words = None if words is None else words.index_select(0, rows)
             if "attention_mask" in inputs:
                 inputs, sub_words = self.task.trim_padding(inputs, sub_words)
-            new = self.task.cache_rows(self._forward(i, inputs, sub_words, False), self.top_k)
+            new = self.task.cache_rows(self._forward(i, inputs, sub_words, False), self.top_k, sample=self.sample)
             cache.put_many([entries[first[t]] for t in todo], new)
             computed = dict(zip(todo, new))
             found = [a if a is not None else computed[k] for k, a in zip(keys, found)]

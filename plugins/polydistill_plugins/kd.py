@@ -27,6 +27,7 @@ Terms, each with its own weight (0 switches a term off):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -185,6 +186,13 @@ class StandardKD:
         if not embed and (self.weights["mse"] or self.weights["cosine"]):
             raise ConfigError(f"plugins.kd.{'mse' if self.weights['mse'] else 'cosine'}: embedding terms need a task "
                               f"with sentence embeddings (task: embedding), not {task.name}")
+        cc = state.config.cache
+        sampled = has_teacher and task.cache_needs_top_k and cc.enabled and cc.top_k and cc.top_k_method == "sample"
+        if sampled and (self.weights["kl"] or self.weights["uld"]) and (s.divergence != "forward" or s.temperature != 1 or self.weights["uld"]):
+            warnings.warn("plugins.kd: cache.top_k_method 'sample' gives an unbiased estimate of the teacher's distribution "
+                          "for forward KL at temperature 1 only; with divergence "
+                          f"{s.divergence!r}, temperature {s.temperature}{' and uld' if self.weights['uld'] else ''} the cached "
+                          "estimate is biased (see docs/tasks.md); use top_k_method 'top'", polydistill.PolydistillWarning, stacklevel=2)
         if self.weights["uld"] and not task.cache_needs_top_k:
             raise ConfigError(f"plugins.kd.uld: the cross-tokenizer term compares distributions over two vocabularies, which "
                               f"the {task.name} task's outputs are not (causal_lm and seq2seq's are)")

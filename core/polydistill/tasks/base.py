@@ -31,9 +31,20 @@ def _spread(row: np.ndarray, width: int | None) -> np.ndarray:
     k = row.shape[-1] // 2
     ids, logp = row[:, :k].astype(np.int64), row[:, k:]
     rest = np.clip(1.0 - np.exp(logp).sum(-1, keepdims=True), 1e-12, None) / max(width - k, 1)
+    logp = np.where(np.isfinite(logp), logp, np.log(rest))  # slots of tokens never drawn (top_k_method: sample)
     out = np.broadcast_to(np.log(rest), (row.shape[0], width)).astype(np.float32).copy()
     np.put_along_axis(out, ids, logp.astype(np.float32), axis=-1)
     return out
+
+
+def _sampled(logp: torch.Tensor, draws: int) -> torch.Tensor:
+    """Log-frequencies of ``draws`` tokens drawn from each distribution of ``logp`` ``(..., V)``: an unbiased
+    estimate of it (-inf: not drawn). The generator is seeded, so a batch's draws are the same in every run."""
+    flat = logp.reshape(-1, logp.size(-1)).exp()
+    generator = torch.Generator(device=flat.device).manual_seed(0)
+    picks = torch.multinomial(flat, draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(flat).scatter_add_(1, picks, torch.ones_like(picks, dtype=flat.dtype))
+    return (counts / draws).log().view_as(logp)
 
 
 class Task:
@@ -182,14 +193,18 @@ class Task:
 
     # ------------------------------------------------------------------ teacher outputs
 
-    def cache_rows(self, out: ModelOutputs, top_k: int | None = None) -> list[np.ndarray]:
+    def cache_rows(self, out: ModelOutputs, top_k: int | None = None, sample: bool = False) -> list[np.ndarray]:
         """One array per sample of a teacher's final output, as the cache stores it: word-level outputs hold
         the words that survive max_length, in order; with ``top_k`` (distributions over a vocabulary),
-        each position's ``top_k`` log-probabilities and their token ids, ``(W, 2 * top_k)``."""
+        ``top_k`` token ids and their log-probabilities per position, ``(W, 2 * top_k)``: the most likely
+        tokens, or with ``sample`` the tokens of ``top_k`` draws (seeded) and their frequencies among them."""
         value = getattr(out, self.output_field).float()
         if top_k is not None:
             logp = torch.log_softmax(value, dim=-1)
-            top = logp.topk(min(top_k, logp.size(-1)), dim=-1)
+            k = min(top_k, logp.size(-1))
+            if sample:
+                logp = _sampled(logp, k)
+            top = logp.topk(k, dim=-1)
             value = torch.cat([top.indices.float(), top.values], dim=-1)  # ids are exact in float32 below 2**24
         array = value.cpu().numpy()
         if not self.word_level:

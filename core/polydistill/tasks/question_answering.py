@@ -183,7 +183,7 @@ class QuestionAnswering(Task):
 
     # ------------------------------------------------------------------ teacher outputs
 
-    def cache_rows(self, out: ModelOutputs, top_k: int | None = None) -> list[np.ndarray]:
+    def cache_rows(self, out: ModelOutputs, top_k: int | None = None, sample: bool = False) -> list[np.ndarray]:
         """Each window's start and end logits over its own tokens, ``(2, n)``."""
         values = out.logits.detach().float().cpu().numpy()
         lengths = out.mask.sum(1).tolist()

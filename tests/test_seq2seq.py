@@ -142,3 +142,27 @@ def test_trimming_a_cached_subset_keeps_the_target_and_its_positions(models):
     # the subset is now what encoding its row alone gives (its target already as long as the batch's)
     own, own_positions, own_labels = task.encode(tok, ["bread"], 32, "longest", ["brot ist frisch und gut"])
     assert torch.equal(trimmed["input_ids"], own["input_ids"]) and torch.equal(kept, own_positions)
+
+
+def test_a_t5_teacher_is_cut_and_distilled(models, data, tmp_path):
+    """T5 keeps its relative position bias in each stack's first block only: a student keeping
+    decoder block 1 gets block 1's weights and the bias of block 0."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = M.load_tokenizer(str(models["mt"]))
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    teacher_dir = tmp_path / "t5"
+    T5ForConditionalGeneration(config).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    teacher = M.load_model(str(teacher_dir), "seq2seq")
+    student = M.student_from_teacher(teacher, [1], "seq2seq", None, [1])
+    t_block, s_block = teacher.decoder.block, student.decoder.block
+    assert torch.equal(s_block[0].layer[1].EncDecAttention.q.weight, t_block[1].layer[1].EncDecAttention.q.weight)
+    bias = "layer.0.SelfAttention.relative_attention_bias.weight"
+    assert torch.equal(s_block[0].state_dict()[bias], t_block[0].state_dict()[bias])
+    cfg = tiny_config({**models, "mt": teacher_dir}, data, tmp_path, "seq2seq", training__max_steps=3,
+                      generation={"num_beams": 2, "max_new_tokens": 6})
+    result = polydistill.train(cfg)
+    assert set(result.metrics["per_language"]["de"]) == {"bleu", "chrf"}

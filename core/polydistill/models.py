@@ -193,7 +193,14 @@ def student_from_teacher(teacher: nn.Module, layers: list[int], task: str | Task
     student.load_state_dict(target)
     for teacher_stack, student_stack, picked in zip(stacks, _stacks(student), keep):
         for i, j in enumerate(picked):
-            student_stack[i].load_state_dict(teacher_stack[j].state_dict())
+            wanted = student_stack[i].state_dict()
+            state = {k: v for k, v in teacher_stack[j].state_dict().items() if k in wanted}
+            for k in wanted.keys() - state.keys():  # T5's relative position bias lives in each stack's first block only
+                donor = next((b.state_dict()[k] for b in teacher_stack if k in b.state_dict()), None)
+                if donor is None:
+                    raise ConfigError(f"student.from_teacher: block {i} of the student needs {k}, which no teacher block has")
+                state[k] = donor
+            student_stack[i].load_state_dict(state)
     return student
 
 

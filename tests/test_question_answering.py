@@ -165,6 +165,13 @@ def test_fine_tuning_on_gold_spans_learns_them(models, data, tmp_path):
     assert after > before + 20
 
 
+def test_streamed_rows_are_cut_into_windows_too(models, data, tmp_path):
+    cfg = qa_config(models, data, tmp_path, training__max_steps=3)
+    cfg["data"]["train"] = {**cfg["data"]["train"], "streaming": True}
+    result = polydistill.train(cfg)
+    assert result.history[-1]["step"] == 3
+
+
 def test_teacher_outputs_come_from_the_cache_in_the_second_epoch(models, data, tmp_path):
     runs = {}
     for cached in (False, True):

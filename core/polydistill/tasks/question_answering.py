@@ -108,12 +108,15 @@ class QuestionAnswering(Task):
         """Each row as one feature per window of its context: ``text`` the question, ``context`` the window,
         ``target`` ``{"text", "start"}`` (the answer in the window, start -1: not in it), and ``example``,
         ``offset`` (the window's first character in the context) and ``answers`` (all gold answers)."""
-        if "context" not in dataset.column_names:
+        names = dataset.column_names
+        if names is None:  # a stream: its columns are those of its first row
+            names = list(next(iter(dataset)).keys())
+        if "context" not in names:
             raise DataError("question_answering: the data has no context column (columns.context)")
         if doc_stride >= max_length // 2:
             raise ConfigError(f"data.doc_stride: {doc_stride} must be below half of data.max_length ({max_length}): "
                               "windows share doc_stride tokens, and the question takes room too")
-        with_targets = "target" in dataset.column_names
+        with_targets = "target" in names
 
         def windows(rows: dict[str, list[Any]], ids: list[int]) -> dict[str, list[Any]]:
             out: dict[str, list[Any]] = defaultdict(list)
@@ -142,7 +145,7 @@ class QuestionAnswering(Task):
                 out["offset"].append(lo)
             return dict(out)
 
-        return dataset.map(windows, batched=True, batch_size=256, with_indices=True, remove_columns=dataset.column_names)
+        return dataset.map(windows, batched=True, batch_size=256, with_indices=True, remove_columns=names)
 
     # ------------------------------------------------------------------ data
 

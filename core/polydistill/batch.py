@@ -107,8 +107,9 @@ class Batch:
     meta: dict[str, Any] = field(default_factory=dict)
     encoder: Callable[..., Batch] | None = field(default=None, repr=False, compare=False)
     hints: LossHints = field(default_factory=LossHints)
-    #: Generative tasks: the text each example learns to produce (``columns.target``), else None.
-    targets: list[str] | None = None
+    #: Each example's ``columns.target``, else None: the text it learns to produce (generative tasks), or
+    #: question answering's answer in its window (``{"text", "start"}``).
+    targets: list[Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.teacher_words:
@@ -138,7 +139,7 @@ class Batch:
         self,
         texts: list[Any] | None = None,
         teacher_texts: list[Any] | None = None,
-        targets: list[str] | None = None,
+        targets: list[Any] | None = None,
         **meta: Any,
     ) -> Batch:
         """Return a new batch with changed texts (or, generative tasks, ``targets``), re-encoded for every model.

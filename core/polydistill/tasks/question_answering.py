@@ -44,11 +44,9 @@ def gold_answers(value: Any) -> tuple[list[str], list[int | None]]:
         texts = value.get("text", [])
         starts = value.get("answer_start", value.get("start"))
         texts = [texts] if isinstance(texts, str) else list(texts or [])
-        if starts is None:
-            starts = [None] * len(texts)
-        elif isinstance(starts, (int, np.integer)):
-            starts = [int(starts)]
-        return texts, [None if s is None else int(s) for s in starts][: len(texts)] + [None] * max(0, len(texts) - len(starts))
+        starts = [starts] if isinstance(starts, (int, np.integer)) else list(starts or [])
+        starts = [None if s is None else int(s) for s in starts]
+        return texts, (starts + [None] * len(texts))[: len(texts)]
     return list(value), [None] * len(value)
 
 

@@ -172,6 +172,17 @@ def test_streamed_rows_are_cut_into_windows_too(models, data, tmp_path):
     assert result.history[-1]["step"] == 3
 
 
+def test_a_students_own_vocabulary_is_learned_from_questions_and_contexts(models, data, tmp_path):
+    cfg = qa_config(models, data, tmp_path, training__max_steps=2, teachers=[],
+                    student={"model": str(models["qa"]), "vocabulary": {"method": "trim", "size": 120}})
+    result = polydistill.train(cfg)
+    def whole(tok):  # the answer words (only contexts hold them) the tokenizer reads as one token
+        return {w for r in qa_rows() for w in r["answers"]["text"] if len(tok(w, add_special_tokens=False)["input_ids"]) == 1}
+
+    kept, before = whole(M.load_tokenizer(str(result.student_dir))), whole(M.load_tokenizer(str(models["qa"])))
+    assert len(before) > 10 and kept == before
+
+
 def test_teacher_outputs_come_from_the_cache_in_the_second_epoch(models, data, tmp_path):
     runs = {}
     for cached in (False, True):

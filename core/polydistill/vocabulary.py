@@ -64,15 +64,21 @@ def read_corpus(dataset: Any, config: Config, seed: int) -> Corpus:
     vc = config.student.vocabulary
     words = get_task(config.task).text_is_words
     parallel = config.mode == "parallel"
+
+    def text_of(text: Any, row: Any) -> Any:  # a question-answering row's words are also its context's
+        return f"{text} {row['context']}" if get_task(config.task).reads_context else text
+
     if hasattr(dataset, "__len__"):
         texts, langs = list(dataset["text"]), list(dataset["lang"])
+        if get_task(config.task).reads_context:
+            texts = [text_of(t, {"context": c}) for t, c in zip(texts, dataset["context"])]
         sources = list(dataset["source"]) if parallel else None
     else:  # streamed: at most `sample` per language from the first 20x`sample` rows
         texts, langs, sources = [], [], [] if parallel else None
         for n, row in enumerate(dataset):
             if n >= 20 * (vc.sample or 1000):
                 break
-            texts.append(row["text"])
+            texts.append(text_of(row["text"], row))
             langs.append(row["lang"])
             if sources is not None:
                 sources.append(row["source"])

@@ -158,3 +158,30 @@ def run_study(name: str, base: dict[str, Any], levels: dict[str, Any], work: Pat
     (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print((report.out_dir / "report.md").read_text(encoding="utf-8"))
     print(f"times: {times}; report: {report.out_dir}")
+
+
+def unigram_tokenizer(texts: list[str], vocab_size: int, out: Path, extra_special: list[str] = (), end_token: bool = False) -> Any:
+    """A unigram tokenizer (``tokenizers``; Metaspace, so decoding gives back the text) with <pad>, </s>, <unk>
+    and ``extra_special`` tokens, saved to ``out``; ``end_token``: every encoding ends in </s> (Marian's way)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    special = ["<pad>", "</s>", "<unk>", *extra_special]
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special, unk_token="<unk>"))
+    if end_token:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=list(extra_special), model_max_length=512)
+    fast.save_pretrained(out)
+    return fast
+
+
+def load_times(work: Path) -> tuple[Path, dict[str, float]]:
+    """The timings file of a recipe's work folder and what it holds (kept across reruns, which skip finished runs)."""
+    path = work / "times.json"
+    return path, json.loads(path.read_text()) if path.is_file() else {}
+

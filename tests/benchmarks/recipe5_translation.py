@@ -3,7 +3,7 @@
 No pretrained MT model can be downloaded on the development machine, so the teacher is
 trained here, with polydistill itself (a run without teachers):
 
-1. A joint unigram tokenizer (``tokenizers``, Metaspace, so decoding gives back the text)
+1. A joint unigram tokenizer (``common.unigram_tokenizer``: decoding gives back the text)
    is trained on the training pairs; the target language is a tag token at the start of
    the source (``>>deu<<``, the opus-mt convention), so one model serves every language.
 2. The teacher, a Marian encoder-decoder (``--teacher-size``), is trained from scratch on
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, add_common_args, machine, parallel_pairs, save, table, timer, write_jsonl
+from common import ROOT, add_common_args, load_times, machine, parallel_pairs, save, table, timer, unigram_tokenizer, write_jsonl
 
 VARIANTS = {
     "reference": {"teacher": False, "kd": {"ce": 1.0, "kl": 0.0}},
@@ -58,30 +58,12 @@ def laser_pairs(data: Path, lang: str) -> list[tuple[str, str]]:
     return [(a.strip(), b.strip()) for a, b in zip(src, tgt) if a.strip() and b.strip()]
 
 
-def train_tokenizer(texts: list[str], tags: list[str], vocab_size: int, out: Path) -> Any:
-    """A unigram tokenizer over all training texts, Marian's special tokens and the language tags."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    special = ["<pad>", "</s>", "<unk>", *tags]
-    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special, unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   additional_special_tokens=tags, model_max_length=512)
-    fast.save_pretrained(out)
-    return fast
-
-
 def write_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Training and test files (rows: text = tag + English, target, lang) and the tokenizer."""
     tags = {lang: f">>{lang}<<" for lang in args.langs}
     train = {lang: parallel_pairs(args.data, lang) for lang in args.langs}
-    tokenizer = train_tokenizer([t for pairs in train.values() for p in pairs for t in p], list(tags.values()),
-                                args.vocab_size, work / "tokenizer")
+    tokenizer = unigram_tokenizer([t for pairs in train.values() for p in pairs for t in p], args.vocab_size,
+                                  work / "tokenizer", list(tags.values()), end_token=True)
     rows, dropped = [], {}
     for lang, pairs in train.items():
         keep = [(a, b) for a, b in pairs
@@ -208,8 +190,7 @@ def main() -> None:
     import polydistill
 
     begin = time.perf_counter()
-    times_file = work / "times.json"  # kept across reruns, which skip finished runs
-    times: dict[str, float] = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    times_file, times = load_times(work)
     with timer(times, "data_s"):
         files = write_data(args, work)
     print({k: v for k, v in files.items() if k not in ("train", "test", "tokenizer")}, flush=True)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, add_common_args, machine, save, table, timer, write_jsonl
+from common import ROOT, add_common_args, load_times, machine, save, table, timer, unigram_tokenizer, write_jsonl
 
 VARIANTS = {
     "reference": None,
@@ -50,21 +50,6 @@ def read_text(data: Path, lang: str) -> list[str]:
     root = data / "parallel" / "ntrex128"
     name = "newstest2019-src.eng.txt" if lang == "eng" else f"newstest2019-ref.{lang}.txt"
     return [line.strip() for line in (root / name).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> Any:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                           unk_token="<unk>"))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512)
-    fast.save_pretrained(out)
-    return fast
 
 
 def init_model(tokenizer_dir: Path, dims: dict[str, int], out: Path, seed: int, max_length: int) -> Path:
@@ -118,13 +103,12 @@ def main() -> None:
     import polydistill
 
     begin = time.perf_counter()
-    times_file = work / "times.json"
-    times: dict[str, float] = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    times_file, times = load_times(work)
     texts = {lang: read_text(args.data, lang) for lang in args.langs}
     train = [{"text": t, "lang": lang} for lang, lines in texts.items() for t in lines[: args.train_lines]]
     test = [{"text": t, "lang": lang} for lang, lines in texts.items() for t in lines[-args.test_lines:]]
     files = {"train": write_jsonl(work / "train.jsonl", train), "test": write_jsonl(work / "test.jsonl", test)}
-    tokenizer = train_tokenizer([r["text"] for r in train], args.vocab_size, work / "tokenizer")
+    tokenizer = unigram_tokenizer([r["text"] for r in train], args.vocab_size, work / "tokenizer")
 
     teacher_run = work / "teacher"
     if not (teacher_run / "metrics.json").is_file():

@@ -198,6 +198,8 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
     if task not in runs:
         raise ValueError(f"unknown task {task!r}; tiny_config has runs for {', '.join(sorted(runs))}")
     teacher, mode, train, evaluation = runs[task]
+    # contexts longer than one window, so the tiny run cuts them
+    data_fields = {"question_answering": {"max_length": 24, "doc_stride": 4}}.get(task, {})
     cut = {"teacher": [0, 2], "mt": [0], "qa": [0]}.get(teacher, [0, 1])  # the mt student keeps one block of each stack
     student: dict[str, Any] = {"from_teacher": {"layers": cut, **({"decoder_layers": [0]} if teacher == "mt" else {})}}
     cfg: dict[str, Any] = {
@@ -205,12 +207,10 @@ def tiny_config(models: dict[str, Path], data: dict[str, Path], tmp_path: Path, 
         "mode": mode,
         "teachers": [{"model": str(models[teacher]), "name": "teacher"}],
         "student": student,
-        "data": {"train": train, "eval": evaluation, "batch_size": 4},
+        "data": {"train": train, "eval": evaluation, "batch_size": 4, **data_fields},
         "training": {"epochs": 1, "learning_rate": 1e-3, "progress": False, "log_every": 1, "seed": 3},
         "output_dir": str(Path(tmp_path) / "run"),
     }
-    if task == "question_answering":
-        cfg["data"].update(max_length=24, doc_stride=4)
     return with_fields(cfg, **overrides)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from polydistill import models as M
 from polydistill.batch import Trainable
 from polydistill.config import Config, TrainingConfig
+from polydistill.data import Collator, load_sources, make_loader
 from polydistill.errors import ConfigError, PluginError
 from polydistill.tasks import get_task
 
@@ -63,6 +65,40 @@ def _student(config: Config, teachers: list[nn.Module], teacher_toks: list[Any],
         path, revision, role = M.student_tokenizer_source(config)
         tok = M.load_tokenizer(path, role, revision, config.task)
     return student.train(), tok
+
+
+@dataclass
+class Pipeline:
+    """A run's data: loaded sources, the student's own vocabulary (None: kept), its tokenizer, the collator, the batches."""
+
+    train: Any
+    eval: Any
+    vocabulary: Any
+    student_tokenizer: Any
+    collator: Collator
+    loader: Any
+
+
+def pipeline(config: Config, student: nn.Module, student_tok: Any, teacher_toks: list[Any], labels: list[str] | None,
+             num_shards: int = 1, shard: int = 0) -> Pipeline:
+    """Data, then the student's own vocabulary (learned from the training text), then batching (one shard of them)."""
+    from polydistill import vocabulary as V
+
+    dc = config.data
+    train = load_sources(dc.train, config, labels) if dc.train else None
+    evaluation = load_sources(dc.eval, config, labels) if dc.eval else None
+    if evaluation is not None and not hasattr(evaluation, "__len__"):
+        raise ConfigError("data.eval: evaluation sources cannot be streamed")
+    vocabulary = None
+    if V.active(config.student.vocabulary):
+        vocabulary = V.build_vocabulary(config, student, student_tok, train, evaluation)
+        student_tok = vocabulary.tokenizer
+    if train is not None:  # e.g. long question-answering contexts become windows
+        train = get_task(config.task).prepare_data(train, student_tok, dc.max_length, dc.doc_stride)
+    collator = Collator(config.task, student_tok, teacher_toks, dc.max_length, dc.padding, labels, config.mode == "parallel")
+    loader = make_loader(train, collator, dc.batch_size, config.training.seed, dc.shuffle, dc.length_grouping,
+                         dc.stream_buffer, num_shards, shard)
+    return Pipeline(train, evaluation, vocabulary, student_tok, collator, loader)
 
 
 def plugin_modules(host: Any, state: Any) -> tuple[dict[str, nn.Module], dict[str, Trainable]]:

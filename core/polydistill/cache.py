@@ -68,13 +68,49 @@ def read_settings(task: str, pooling: str, max_length: int, mixed_precision: str
     return settings
 
 
+def entry_prefix(teacher_fingerprint: str, settings: dict[str, Any]) -> str:
+    """What every key of one teacher read one way starts from (also the folder name of its built store)."""
+    return hashlib.sha1((teacher_fingerprint + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+
+
+def entry_key(prefix: str, entry: Any) -> str:
+    """The key of one entry (a text, a word list, a text-target pair) under ``prefix``."""
+    return hashlib.sha1((prefix + json.dumps(entry, ensure_ascii=False)).encode()).hexdigest()
+
+
+def identity(config: Any, teacher: torch.nn.Module, tokenizer: Any) -> tuple[str, dict[str, Any], str]:
+    """A teacher's fingerprint, the settings it is read with and the storage dtype, as ``config`` asks."""
+    from polydistill.tasks import get_task
+
+    cc = config.cache
+    top_k = cc.top_k if get_task(config.task).cache_needs_top_k else None
+    settings = read_settings(config.task, config.pooling, config.data.max_length, config.training.mixed_precision,
+                             tokenizer, top_k, cc.top_k_method if top_k else "top")
+    return fingerprint(teacher), settings, "float32" if top_k else cc.dtype  # token ids must stay exact
+
+
+def default_dir() -> Path:
+    return Path.home() / ".cache" / "polydistill" / "teacher-outputs"
+
+
+def open_cache(config: Any, teacher: torch.nn.Module, tokenizer: Any, name: str) -> Any:
+    """The teacher-output store ``config.cache`` names for one teacher: the SQLite cache, or a built store (read-only)."""
+    fp, settings, dtype = identity(config, teacher, tokenizer)
+    cc = config.cache
+    if cc.backend == "datasets":
+        from polydistill.store import ShardedStore
+
+        return ShardedStore(cc.dir, fp, settings, dtype, name)
+    return TeacherCache(Path(cc.dir).expanduser() if cc.dir else default_dir(), fp, settings, dtype)
+
+
 class TeacherCache:
     """A SQLite table of float arrays for one teacher and one way of reading it."""
 
     def __init__(self, directory: str | Path, teacher_fingerprint: str, settings: dict[str, Any], dtype: str = "float32"):
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.prefix = hashlib.sha1((teacher_fingerprint + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+        self.prefix = entry_prefix(teacher_fingerprint, settings)
         self.dtype = np.dtype(dtype)
         self.path = self.directory / "teacher-outputs.sqlite"
         self.db: sqlite3.Connection | None = None
@@ -113,7 +149,7 @@ class TeacherCache:
         self.db = None
 
     def key(self, text: Any) -> str:
-        return hashlib.sha1((self.prefix + json.dumps(text, ensure_ascii=False)).encode()).hexdigest()
+        return entry_key(self.prefix, text)
 
     def _decode(self, key: str, shape: str, data: bytes, crc: int | None) -> np.ndarray | None:
         """The entry's array, or None (with a warning) when its bytes do not match its shape or checksum."""

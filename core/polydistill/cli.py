@@ -64,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the tokenizer, vocabulary.json and coverage.{json,md} to this folder")
     p.add_argument("--json", action="store_true", help="print the coverage as JSON")
 
+    p = sub.add_parser("teacher-outputs", help="build the teachers' outputs over the training data as a sharded store, in parallel")
+    tsub = p.add_subparsers(dest="store_action", required=True, metavar="ACTION")
+    b = tsub.add_parser("build", help="run the teachers over data.train into cache.dir (Arrow shards; resumable); "
+                        "in parallel under `accelerate launch` or torchrun, or with --ray")
+    b.add_argument("config", help="the run's YAML or JSON config (its cache section says where the store goes)")
+    _add_set(b)
+    b.add_argument("--out", help="the store's directory (default: cache.dir)")
+    b.add_argument("--batches-per-shard", type=int, metavar="N",
+                   help="batches of the run's first epoch per shard (default: enough for 64 shards); fixed by the first build")
+    b.add_argument("--ray", action="store_true", help="build on a Ray cluster, one task per worker (pip install 'polydistill[ray]')")
+    b.add_argument("--workers", type=int, default=2, help="with --ray: the number of tasks (default 2)")
+    b.add_argument("--gpus-per-worker", type=float, default=0, help="with --ray: GPUs each task asks for (default 0)")
+    b.add_argument("--no-progress", action="store_true", help="a line per shard instead of a progress bar")
+    st = tsub.add_parser("status", help="the stores in a directory: teacher, settings, shards built")
+    st.add_argument("dir", help="the store's directory (cache.dir)")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+
     p = sub.add_parser("ablate", help="run an ablation study: a base config, axes of plugin sets or options, seeds")
     p.add_argument("study", help="study file (YAML or JSON)")
     p.add_argument("--output-dir", help="study directory (default: the study's output_dir, else runs/<name>)")
@@ -258,6 +275,59 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_teacher_outputs(args: argparse.Namespace) -> int:
+    from polydistill import store
+
+    if args.store_action == "status":
+        rows = store.status(args.dir)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"{args.dir}: no teacher-output store")
+        for r in rows:
+            s = r["settings"] or {}
+            done = "complete" if r["built"] == r["shards"] else "incomplete: run the build again to finish it"
+            print(f"{r['folder']}: teacher '{r['teacher']}' ({s.get('task')}, pooling {s.get('pooling')}, max_length "
+                  f"{s.get('max_length')}, {r['dtype']}): {r['built']} of {r['shards']} shards built, {r['rows']} rows ({done})")
+        return 0
+    if args.batches_per_shard is not None and args.batches_per_shard < 1:
+        raise ConfigError("--batches-per-shard: must be at least 1")
+    if args.ray:
+        return _build_on_ray(args)
+    from polydistill.config import load_config
+
+    store.build(load_config(args.config, args.overrides), args.out, batches_per_shard=args.batches_per_shard,
+                progress=not args.no_progress)
+    return 0
+
+
+def _build_on_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray: Ray is not installed (pip install 'polydistill[ray]')") from None
+    from polydistill import store
+
+    if args.workers < 1:
+        raise ConfigError("--workers: must be at least 1")
+    config = str(Path(args.config).resolve())  # every worker loads it: a path on storage they share
+
+    @ray.remote(num_cpus=1, num_gpus=args.gpus_per_worker)
+    def part(index: int) -> dict[str, Any]:
+        from polydistill.config import load_config
+
+        done = store.build(load_config(config, args.overrides), args.out, batches_per_shard=args.batches_per_shard,
+                           process_index=index, num_processes=args.workers, progress=False)
+        return {"built": len(done.built), "rows": done.rows, "seconds": done.seconds}
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    results = ray.get([part.remote(i) for i in range(args.workers)])
+    print(f"ray: {args.workers} workers built {sum(r['built'] for r in results)} shards, "
+          f"{sum(r['rows'] for r in results)} outputs per teacher")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from polydistill.report import write_report
 
@@ -278,7 +348,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "config": cmd_config,
-    "ablate": cmd_ablate, "report": cmd_report, "demo": cmd_demo, "vocab": cmd_vocab,
+    "ablate": cmd_ablate, "report": cmd_report, "teacher-outputs": cmd_teacher_outputs, "demo": cmd_demo, "vocab": cmd_vocab,
 }
 
 

@@ -21,7 +21,7 @@ RUNTIME_FIELDS = (
     "training.log_every", "training.num_threads", "trackers", "project_name",
 )
 #: What a resumed run may change: the runtime fields and where the teacher cache lives.
-RESUMABLE_FIELDS = (*RUNTIME_FIELDS, "cache.dir")
+RESUMABLE_FIELDS = (*RUNTIME_FIELDS, "cache.dir", "cache.backend")
 
 
 class PluginSettings(BaseModel):
@@ -243,10 +243,18 @@ class CacheConfig(StrictModel):
     """Teacher-output cache: teacher logits/embeddings stored on disk by input text."""
 
     enabled: bool = Field(False, description='Use the cache.')
-    dir: str | None = Field(None, description='Directory of the SQLite file `teacher-outputs.sqlite`.')
+    backend: Literal["sqlite", "datasets"] = Field("sqlite", description="`sqlite`: one SQLite file that the run fills as it trains (the default, for one machine). `datasets`: read-only sharded Arrow files in the `datasets` format, built beforehand in parallel by `polydistill teacher-outputs build CONFIG` (for large corpora, several processes or nodes, and stores shared by runs on several machines); texts the store does not hold (augmented, new) are computed each time. See docs/scale.md.")
+    dir: str | None = Field(None, description='`sqlite`: the directory of the file `teacher-outputs.sqlite` (default: ~/.cache/polydistill/teacher-outputs). `datasets`: the store\'s directory, local or on shared storage (required).')
     dtype: Literal["float16", "float32"] = Field("float32", description='Storage precision.')
     top_k: int | None = Field(None, ge=1, description="Tasks whose teacher outputs are distributions over a vocabulary (causal_lm, seq2seq) are cached only with this: each target token keeps top_k tokens with their log-probabilities (`top_k_method`), and the rest of the mass is spread evenly over the other tokens when read back. Other tasks ignore it.")
     top_k_method: Literal["top", "sample"] = Field("top", description="Which tokens `top_k` keeps: `top`, the most likely ones (biased: the tail's shape is lost); `sample`, top_k draws from the teacher's distribution (seeded), kept as their frequencies: an unbiased estimate of the distribution, so forward KL at temperature 1 has an unbiased gradient (see docs/tasks.md).")
+
+    @model_validator(mode="after")
+    def _store_needs_dir(self) -> CacheConfig:
+        if self.enabled and self.backend == "datasets" and not self.dir:
+            raise ValueError("cache.dir: backend 'datasets' reads the store built by `polydistill teacher-outputs build`; "
+                             "give its directory")
+        return self
 
 
 class Config(StrictModel):

@@ -27,10 +27,8 @@ from torch import nn
 from polydistill import checkpoint as ckpt
 from polydistill import build
 from polydistill import preflight
-from polydistill import vocabulary as V
 from polydistill.batch import Batch
 from polydistill.config import RESUMABLE_FIELDS, Config, changed_fields, flat_fields, load_config, without_fields
-from polydistill.data import Collator, load_sources, make_loader
 from polydistill.errors import CheckpointError, ConfigError, DataError, PluginError, warn
 from polydistill.evaluation import evaluate_model
 from polydistill.plugins import PluginHost
@@ -62,24 +60,10 @@ class Trainer:
 
         teachers, teacher_toks, student, student_tok, labels = build.models(config)
 
-        # Data, then the student's own vocabulary (learned from the training text), then batching.
-        dc = config.data
-        self.train_data = load_sources(dc.train, config, labels) if dc.train else None
-        self.eval_data = load_sources(dc.eval, config, labels) if dc.eval else None
-        if self.eval_data is not None and not hasattr(self.eval_data, "__len__"):
-            raise ConfigError("data.eval: evaluation sources cannot be streamed")
-        self.vocabulary = None
-        if V.active(config.student.vocabulary):
-            self.vocabulary = V.build_vocabulary(config, student, student_tok, self.train_data, self.eval_data)
-            student_tok = self.vocabulary.tokenizer
-        if self.train_data is not None:  # e.g. long question-answering contexts become windows
-            self.train_data = get_task(config.task).prepare_data(self.train_data, student_tok, dc.max_length, dc.doc_stride)
-        self.collator = Collator(config.task, student_tok, teacher_toks, dc.max_length, dc.padding, labels, config.mode == "parallel")
         acc = self.accelerator
-        self.loader = make_loader(
-            self.train_data, self.collator, dc.batch_size, tc.seed, dc.shuffle, dc.length_grouping,
-            dc.stream_buffer, acc.num_processes, acc.process_index,
-        )
+        data = build.pipeline(config, student, student_tok, teacher_toks, labels, acc.num_processes, acc.process_index)
+        self.train_data, self.eval_data, self.vocabulary = data.train, data.eval, data.vocabulary
+        self.collator, self.loader, student_tok = data.collator, data.loader, data.student_tokenizer
 
         same = [tok is None and config.mode == "same" for tok in self.collator.teacher_tokenizers]
         self.state = state = TrainState(
@@ -244,6 +228,8 @@ class Trainer:
         if self._checkpointed_at != state.step:
             self.save_checkpoint()
         student_dir = api.save_student(self)
+        if (line := self.runner.summary()) is not None:
+            acc.print(line)
         try:
             metrics = self._metrics
             if self._evaluated_at != state.step:

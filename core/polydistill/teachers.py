@@ -8,14 +8,14 @@ Plugins reach this through ``TrainState.run_teacher`` and
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from polydistill import models as M
 from polydistill.batch import Batch, ModelOutputs
-from polydistill.cache import TeacherCache, fingerprint, read_settings
+from polydistill.cache import TeacherCache, open_cache
 from polydistill.errors import PluginError, warn
 from polydistill.tasks import get_task
 
@@ -45,14 +45,19 @@ class TeacherRunner:
                                     "token; set cache.top_k to cache the top_k of each, else the teachers run every step")
         if not cc.enabled or (task.cache_needs_top_k and top_k is None):
             return cls(state, [None] * len(state.teachers))
-        directory = Path(cc.dir).expanduser() if cc.dir else Path.home() / ".cache" / "polydistill" / "teacher-outputs"
-        return cls(state, [
-            TeacherCache(directory, fingerprint(state.accelerator.unwrap_model(t)),
-                         read_settings(config.task, config.pooling, config.data.max_length, config.training.mixed_precision,
-                                       tok, top_k, cc.top_k_method if top_k else "top"),
-                         "float32" if top_k else cc.dtype)  # token ids must stay exact
-            for t, tok in zip(state.teachers, state.teacher_tokenizers)
-        ], top_k, bool(top_k) and cc.top_k_method == "sample")
+        return cls(state, [open_cache(config, state.accelerator.unwrap_model(t), tok, name)
+                           for t, tok, name in zip(state.teachers, state.teacher_tokenizers, state.teacher_names)],
+                   top_k, bool(top_k) and cc.top_k_method == "sample")
+
+    def summary(self) -> str | None:
+        """One line on how many teacher outputs the caches gave and how many were computed; None without a cache."""
+        caches = [c for c in self.caches if c is not None]
+        if not caches:
+            return None
+        hits, misses = sum(c.hits for c in caches), sum(c.misses for c in caches)
+        where = "the teacher-output store" if self.state.config.cache.backend == "datasets" else "the teacher-output cache"
+        return (f"teacher outputs: {hits} of {hits + misses} read from {where}, {misses} computed"
+                + (" (texts it does not hold: augmented or new)" if misses and self.state.config.cache.backend == "datasets" else ""))
 
     def outputs(self, batch: Batch) -> ModelOutputs | None:
         """select_teachers -> teacher_outputs, with the core defaults when no plugin answers."""
@@ -111,9 +116,7 @@ class TeacherRunner:
         # embeddings) have no text that identifies them, so they bypass the cache.
         if cache is None or "input_ids" not in batch.teacher_inputs[i] or per_layer:
             return self._forward(i, batch.teacher_inputs[i], batch.teacher_words[i], per_layer)
-        texts = batch.teacher_texts
-        # a generative task's outputs depend on the target too (the teacher reads it, teacher-forced)
-        entries = texts if batch.targets is None else [[t, g] for t, g in zip(texts, batch.targets)]
+        entries = self.entries(batch)
         found = cache.lookup(entries)
         words = batch.teacher_words[i]
         if words is not None:  # an entry must hold one row per word the teacher reads
@@ -130,16 +133,29 @@ class TeacherRunner:
             first: dict[Any, int] = {}
             for j, k in enumerate(keys):
                 first.setdefault(k, j)
-            rows = torch.tensor([first[k] for k in todo], device=state.device)
-            inputs = {k: v.index_select(0, rows) for k, v in batch.teacher_inputs[i].items()}
-            sub_words = None if words is None else words.index_select(0, rows)
-            if "attention_mask" in inputs:
-                inputs, sub_words = self.task.trim_padding(inputs, sub_words)
-            new = self.task.cache_rows(self._forward(i, inputs, sub_words, False), self.top_k, sample=self.sample)
-            cache.put_many([entries[first[t]] for t in todo], new)
+            rows = [first[k] for k in todo]
+            new = self.compute(i, batch, rows)
+            cache.put_many([entries[j] for j in rows], new)
             computed = dict(zip(todo, new))
             found = [a if a is not None else computed[k] for k, a in zip(keys, found)]
         return self.task.from_cache(found, words, state.device, self.widths[i], self.top_k)
+
+    @staticmethod
+    def entries(batch: Batch) -> list[Any]:
+        """What the cache keys each sample of ``batch`` by: the teacher's text, or with a target the text-target pair
+        (a generative task's outputs depend on the target too: the teacher reads it, teacher-forced)."""
+        return entries_of(batch.teacher_texts, batch.targets)
+
+    def compute(self, i: int, batch: Batch, rows: list[int]) -> list[np.ndarray]:
+        """Teacher ``i``'s cache rows for samples ``rows`` of ``batch``, run as a sub-batch of its own padding."""
+        state = self.state
+        index = torch.tensor(rows, device=state.device)
+        inputs = {k: v.index_select(0, index) for k, v in batch.teacher_inputs[i].items()}
+        words = batch.teacher_words[i]
+        sub_words = None if words is None else words.index_select(0, index)
+        if "attention_mask" in inputs:
+            inputs, sub_words = self.task.trim_padding(inputs, sub_words)
+        return self.task.cache_rows(self._forward(i, inputs, sub_words, False), self.top_k, sample=self.sample)
 
     def _forward(self, i: int, inputs: dict[str, torch.Tensor], words: torch.Tensor | None, per_layer: bool) -> ModelOutputs:
         state, config = self.state, self.state.config
@@ -148,6 +164,11 @@ class TeacherRunner:
                 state.teachers[i], inputs, self.task, words, config.pooling,
                 per_layer and state.need_hidden_states, per_layer and state.need_attentions,
             )
+
+
+def entries_of(teacher_texts: list[Any], targets: list[Any] | None) -> list[Any]:
+    """The cache entries of samples that the teachers read as ``teacher_texts`` (with ``targets``, generative tasks)."""
+    return list(teacher_texts) if targets is None else [[t, g] for t, g in zip(teacher_texts, targets)]
 
 
 def _output_width(model: Any) -> int:

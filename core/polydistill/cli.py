@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate and print the runs without training")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
+    p = sub.add_parser("tune", help="search config fields and plugin sets (Optuna or Ray Tune) with pruning; writes the best config")
+    p.add_argument("search", help="search file (YAML or JSON): base, space, trials, objectives")
+    p.add_argument("--output-dir", help="search directory (default: the search's output_dir, else runs/<name>)")
+    p.add_argument("--trials", type=int, help="trials in all (default: the search file's); a rerun adds the ones it lacks")
+    p.add_argument("--report-only", action="store_true", help="write search.md, best.yaml and the report of the trials so far, run none")
+
     p = sub.add_parser("report", help="tables, significance tests and plots of an ablation study directory")
     p.add_argument("study_dir", help="the study directory `polydistill ablate` wrote")
     p.add_argument("--output-dir", help="where to write the report (default: STUDY_DIR/report)")
@@ -328,6 +334,18 @@ def _build_on_ray(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from polydistill.study.tune import finish, load_search, tune
+
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError("--trials: must be at least 1")
+    if args.report_only:
+        result = finish(load_search(args.search, args.output_dir))
+    else:
+        result = tune(args.search, args.output_dir, trials=args.trials)
+    return 0 if result.best else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from polydistill.report import write_report
 
@@ -348,7 +366,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "config": cmd_config,
-    "ablate": cmd_ablate, "report": cmd_report, "teacher-outputs": cmd_teacher_outputs, "demo": cmd_demo, "vocab": cmd_vocab,
+    "ablate": cmd_ablate, "report": cmd_report, "teacher-outputs": cmd_teacher_outputs, "tune": cmd_tune, "demo": cmd_demo, "vocab": cmd_vocab,
 }
 
 
@@ -383,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             hint = getattr(exc, "hint", "")
         elif args.command == "ablate":
             hint = " (finished runs are kept; run the same command again to resume the study)"
+        elif args.command == "tune":
+            hint = " (finished trials are kept; run the same command again to resume the search)"
+        elif args.command == "teacher-outputs":
+            hint = " (finished shards are kept; run the same command again to build the rest)"
         print(f"polydistill: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not bad input: one line unless the traceback is asked for

@@ -138,3 +138,19 @@ def test_bad_search_files_are_clear_errors(models, data, tmp_path):
     search = _search(models, data, tmp_path, objectives=[{"metric": "accuracy", "languages": ["xx"]}], trials=1, pruner="none")
     with pytest.raises(ConfigError, match="objectives: the evaluation has no accuracy for xx .*languages de, en"):
         T.tune(search, log=lambda s: None)
+
+
+def test_a_search_on_ray_tune(models, data, tmp_path):
+    pytest.importorskip("ray.tune")
+    search = _search(models, data, tmp_path, engine="ray", trials=2, pruner="successive_halving")
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}
+    out = subprocess.run([sys.executable, "-m", "polydistill", "tune", str(path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    records = T.read_trials(tmp_path / "search")
+    assert sorted(r["trial"] for r in records) == [0, 1]
+    assert {r["status"] for r in records} <= {"ok", "pruned"} and any(r["status"] == "ok" for r in records)
+    assert (tmp_path / "search" / "best.yaml").is_file()
+    assert "trial 0" in (tmp_path / "search" / "search.md").read_text()

@@ -17,6 +17,7 @@ so ``polydistill report`` reads it; ``search.md`` lists every trial and
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -324,6 +325,11 @@ class _Reporter:
         return {}
 
 
+def _levels(params: dict[str, Any]) -> dict[str, str]:
+    """A trial's values as the tables show them (floats to 4 significant digits)."""
+    return {k: f"{v:.4g}" if isinstance(v, float) else _show(v) for k, v in params.items()}
+
+
 def _student_parameters(student_dir: Path) -> int:
     from safetensors import safe_open
 
@@ -353,7 +359,7 @@ def run_trial(plan: SearchPlan, number: int, params: dict[str, Any], report: Cal
     reporter = _Reporter(objective, report or (lambda value, step: False))
     checkpoint = find_checkpoint(run_dir)
     record: dict[str, Any] = {
-        "cell": f"trial {number}", "slug": f"trial-{number:04d}", "levels": {k: _show(v) for k, v in params.items()},
+        "cell": f"trial {number}", "slug": f"trial-{number:04d}", "levels": _levels(params),
         "seed": seed, "trial": number, "params": params, "overrides": overrides, "started_at": _now(),
         "resumed": checkpoint is not None,
     }
@@ -526,21 +532,6 @@ def _tune_ray(plan: SearchPlan, log: Callable[[str], None]) -> None:
     if not ray.is_initialized():
         ray.init(address=s.ray_address, include_dashboard=False, log_to_driver=False)
 
-    def space(trial: Any) -> None:
-        suggest(trial, s)
-
-    def trainable(params: dict[str, Any]) -> None:
-        number = int(rt.get_context().get_trial_id().rsplit("_", 1)[-1])
-
-        def report(value: float, step: int) -> bool:
-            rt.report({"objective": value, "step": step})
-            return False  # the scheduler stops the trial itself
-
-        record = run_trial(plan, number, params, report, threads=max(1, int(s.cpus_per_trial)))
-        if record["status"] == "ok":
-            rt.report({"objective": record["values"][0], "step": record["history"][-1]["step"] if record["history"] else 0,
-                       "done": True})
-
     if plan.pruner == "none":
         scheduler = rt.schedulers.FIFOScheduler()
     elif plan.pruner == "median":
@@ -548,17 +539,74 @@ def _tune_ray(plan: SearchPlan, log: Callable[[str], None]) -> None:
     else:
         scheduler = rt.schedulers.ASHAScheduler(time_attr="step", grace_period=1)
     storage = plan.dir / "ray"
-    resources = rt.with_resources(trainable, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    resources = rt.with_resources(functools.partial(_ray_trial, plan), {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     if rt.Tuner.can_restore(str(storage / plan.name)):
         log(f"[search] resuming the Ray Tune search in {storage / plan.name}")
         tuner = rt.Tuner.restore(str(storage / plan.name), trainable=resources, resume_errored=True)
     else:
-        search = OptunaSearch(space=space, metric="objective", mode=mode, sampler=_sampler(plan))
+        search = OptunaSearch(space=functools.partial(_ray_space, s), metric="objective", mode=mode, sampler=_sampler(plan))
         tuner = rt.Tuner(resources, tune_config=rt.TuneConfig(
             search_alg=search, scheduler=scheduler, num_samples=s.trials, metric="objective", mode=mode,
             max_concurrent_trials=s.concurrent_trials),
             run_config=rt.RunConfig(name=plan.name, storage_path=str(storage), verbose=0))
-    tuner.fit()
+    grid = tuner.fit()
+    for result in grid:  # a trial the scheduler stopped was ended mid-training, before it wrote its record
+        trial_id = (result.metrics or {}).get("trial_id")
+        folder = next((m.parent for m in (plan.dir / "runs").glob("trial-*/ray-trial-id")
+                       if m.read_text(encoding="utf-8").strip() == trial_id), None)
+        if folder is None:
+            continue
+        for run_dir in folder.glob("seed-*"):
+            if not (run_dir / RESULT_FILE).exists():
+                number = int(folder.name.removeprefix("trial-"))
+                params = dict(result.config or {})
+                step = (result.metrics or {}).get("step")
+                error = {"type": "pruned" if result.error is None else type(result.error).__name__,
+                         "message": f"stopped by the Ray Tune scheduler at step {step}" if result.error is None else str(result.error)}
+                dump_json(run_dir / RESULT_FILE, {
+                    "cell": f"trial {number}", "slug": folder.name, "levels": _levels(params), "seed": int(run_dir.name[5:]),
+                    "trial": number, "params": params, "overrides": overrides_of(s, params), "status": error["type"] if
+                    error["type"] == "pruned" else "failed", "pruned_at": step, "metrics": {}, "history": _read_history(run_dir),
+                    "error": error, "config": _trial_config(plan, overrides_of(s, params), run_dir, f"trial {number}"),
+                    "finished_at": _now()})
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def _claim_number(runs: Path, trial_id: str) -> int:
+    """The trial number of a Ray trial: the one it had before (a restored trial resumes its folder), else the next free one."""
+    runs.mkdir(parents=True, exist_ok=True)
+    for marker in runs.glob("trial-*/ray-trial-id"):
+        if marker.read_text(encoding="utf-8").strip() == trial_id:
+            return int(marker.parent.name.removeprefix("trial-"))
+    number = 0
+    while True:
+        try:
+            (runs / f"trial-{number:04d}").mkdir()  # atomic: concurrent trials never share a number
+        except FileExistsError:
+            number += 1
+            continue
+        (runs / f"trial-{number:04d}" / "ray-trial-id").write_text(trial_id, encoding="utf-8")
+        return number
+
+
+def _ray_space(search: SearchConfig, trial: Any) -> None:
+    suggest(trial, search)
+
+
+def _ray_trial(plan: SearchPlan, params: dict[str, Any]) -> None:
+    """One Ray Tune trial: reports the objective at each evaluation; the scheduler stops a trial that falls behind."""
+    from ray import tune as rt
+
+    number = _claim_number(plan.dir / "runs", rt.get_context().get_trial_id())
+
+    def report(value: float, step: int) -> bool:
+        rt.report({"objective": value, "step": step})
+        return False
+
+    record = run_trial(plan, number, params, report, threads=max(1, int(plan.search.cpus_per_trial)))
+    if record["status"] == "ok":
+        last = max((h.get("step", 0) for h in record["history"]), default=0)
+        rt.report({"objective": record["values"][0], "step": last + 1})
 
 
 # --------------------------------------------------------------------------- results

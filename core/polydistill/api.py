@@ -57,12 +57,14 @@ def save_student(trainer: Any) -> Path:
     state, acc = trainer.state, trainer.accelerator
     student_dir = trainer.output_dir / "student"
     acc.wait_for_everyone()
+    # Every process takes part: under FSDP or DeepSpeed ZeRO-3 the full weights are gathered from the shards.
+    weights = acc.get_state_dict(state.student)
     if acc.is_main_process:
         # Built aside and renamed into place: an interrupted save leaves the old student or the new one.
         tmp, old = student_dir.with_name(".tmp-student"), student_dir.with_name(".old-student")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            acc.unwrap_model(state.student).save_pretrained(tmp, safe_serialization=True)
+            acc.unwrap_model(state.student).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             state.student_tokenizer.save_pretrained(tmp)
             write_atomic(tmp / "README.md", model_card(trainer.config, {}, trainer.host.versions(), state.step, trainer.vocabulary))
             shutil.rmtree(old, ignore_errors=True)

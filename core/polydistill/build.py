@@ -173,6 +173,55 @@ def scheduler(tc: TrainingConfig, optimizer: Any, total_steps: int) -> Any:
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def engine_plugins(tc: TrainingConfig, resolve: Any = lambda p: p) -> dict[str, Any]:
+    """Accelerator arguments a sharded teacher needs: under DeepSpeed, a plugin of its own beside the student's."""
+    import os
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not (tc.shard_teachers and deepspeed):
+        return {}
+    if not tc.teacher_deepspeed_config:
+        raise ConfigError("training.teacher_deepspeed_config: shard_teachers under DeepSpeed needs the teachers' own DeepSpeed "
+                          "config (e.g. docs/examples/accelerate/ds_zero3_teacher.json, ZeRO-3 inference)")
+    from accelerate.utils import DeepSpeedPlugin
+
+    # The launch's plugin (from its --config_file) trains the student; the first one is active.
+    return {"deepspeed_plugins": {"student": DeepSpeedPlugin(), "teacher": DeepSpeedPlugin(hf_ds_config=resolve(tc.teacher_deepspeed_config))}}
+
+
+def place_teachers(acc: Any, teachers: list[nn.Module], tc: TrainingConfig) -> list[nn.Module]:
+    """Teachers on the run's device: whole on each process, or with ``shard_teachers`` sharded by FSDP or DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    from polydistill.errors import warn
+
+    engine = acc.distributed_type
+    if not tc.shard_teachers or engine not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if tc.shard_teachers:
+            warn("training.shard_teachers: the run is not under FSDP or DeepSpeed (launch it with `accelerate launch "
+                 "--config_file docs/examples/accelerate/...`); each process holds the teachers whole")
+        return [t.to(acc.device) for t in teachers]
+    placed = []
+    for t in teachers:
+        before = list(acc._models)
+        if engine == DistributedType.DEEPSPEED:
+            acc.state.select_deepspeed_plugin("teacher")
+            try:
+                t = acc.prepare(t.eval())  # a DeepSpeed engine of the teacher's own config (ZeRO-3: sharded inference)
+            finally:
+                acc.state.select_deepspeed_plugin("student")
+        elif acc.is_fsdp2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            t = fsdp2_prepare_model(acc, t.eval())
+        else:
+            t = acc.prepare_model(t.eval())
+        # Checkpoints hold what the run trains: a frozen teacher is loaded again from its source, not saved.
+        acc._models[:] = before
+        placed.append(t.eval())
+    return placed
+
+
 def fresh_accelerate_state() -> None:
     """Let each run in a process choose its own precision and accumulation.
 

@@ -78,24 +78,24 @@ def entry_key(prefix: str, entry: Any) -> str:
     return hashlib.sha1((prefix + json.dumps(entry, ensure_ascii=False)).encode()).hexdigest()
 
 
-def identity(config: Any, teacher: torch.nn.Module, tokenizer: Any) -> tuple[str, dict[str, Any], str]:
-    """A teacher's fingerprint, the settings it is read with and the storage dtype, as ``config`` asks."""
+def identity(config: Any, teacher: torch.nn.Module, tokenizer: Any, teacher_fingerprint: str | None = None) -> tuple[str, dict[str, Any], str]:
+    """A teacher's fingerprint (computed unless given), the settings it is read with and the storage dtype, as ``config`` asks."""
     from polydistill.tasks import get_task
 
     cc = config.cache
     top_k = cc.top_k if get_task(config.task).cache_needs_top_k else None
     settings = read_settings(config.task, config.pooling, config.data.max_length, config.training.mixed_precision,
                              tokenizer, top_k, cc.top_k_method if top_k else "top")
-    return fingerprint(teacher), settings, "float32" if top_k else cc.dtype  # token ids must stay exact
+    return teacher_fingerprint or fingerprint(teacher), settings, "float32" if top_k else cc.dtype  # token ids must stay exact
 
 
 def default_dir() -> Path:
     return Path.home() / ".cache" / "polydistill" / "teacher-outputs"
 
 
-def open_cache(config: Any, teacher: torch.nn.Module, tokenizer: Any, name: str) -> Any:
+def open_cache(config: Any, teacher: torch.nn.Module, tokenizer: Any, name: str, teacher_fingerprint: str | None = None) -> Any:
     """The teacher-output store ``config.cache`` names for one teacher: the SQLite cache, or a built store (read-only)."""
-    fp, settings, dtype = identity(config, teacher, tokenizer)
+    fp, settings, dtype = identity(config, teacher, tokenizer, teacher_fingerprint)
     cc = config.cache
     if cc.backend == "datasets":
         from polydistill.store import ShardedStore

@@ -21,7 +21,7 @@ RUNTIME_FIELDS = (
     "training.log_every", "training.num_threads", "trackers", "project_name",
 )
 #: What a resumed run may change: the runtime fields and where the teacher cache lives.
-RESUMABLE_FIELDS = (*RUNTIME_FIELDS, "cache.dir", "cache.backend")
+RESUMABLE_FIELDS = (*RUNTIME_FIELDS, "cache.dir", "cache.backend", "training.shard_teachers", "training.teacher_deepspeed_config")
 
 
 class PluginSettings(BaseModel):
@@ -229,6 +229,8 @@ class TrainingConfig(StrictModel):
     )
     max_skipped_batches: int = Field(10, ge=0, description="With nonfinite: skip, stop once more batches than this were skipped.")
     progress: bool = Field(True, description='Show a progress bar.')
+    shard_teachers: bool = Field(False, description="Under FSDP or DeepSpeed (`accelerate launch --config_file` one of docs/examples/accelerate/), shard the frozen teachers over the processes too, for teachers that do not fit one device: FSDP with the launch's FSDP settings, DeepSpeed with `teacher_deepspeed_config` (e.g. ZeRO-3 inference). Off: every process holds each teacher whole. See docs/scale.md.")
+    teacher_deepspeed_config: str | None = Field(None, description="DeepSpeed config file (JSON) for the teachers when `shard_teachers` runs under DeepSpeed, beside the student's own from the launch: docs/examples/accelerate/ds_zero3_teacher.json shards them with ZeRO-3 for inference.")
 
 
 class GenerationConfig(StrictModel):

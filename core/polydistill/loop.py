@@ -27,6 +27,7 @@ from torch import nn
 from polydistill import checkpoint as ckpt
 from polydistill import build
 from polydistill import preflight
+from polydistill.cache import fingerprint
 from polydistill.batch import Batch
 from polydistill.config import RESUMABLE_FIELDS, Config, changed_fields, flat_fields, load_config, without_fields
 from polydistill.errors import CheckpointError, ConfigError, DataError, PluginError, warn
@@ -55,6 +56,7 @@ class Trainer:
             mixed_precision=tc.mixed_precision,
             log_with=config.trackers or None,
             project_dir=str(self.output_dir),
+            **build.engine_plugins(tc, config.resolve_path),
         )
         self.host = PluginHost.from_config(config.plugins, plugins)
 
@@ -88,9 +90,11 @@ class Trainer:
         self.plugin_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in state.modules.items()}).to(acc.device)
         state.optimizer = build.optimizer(tc, student, self.plugin_modules, own)
         state.student, state.optimizer = acc.prepare(student, state.optimizer)
-        state.teachers = [t.to(acc.device) for t in teachers]
+        # fingerprinted whole, before any sharding: every process (and a built store) keys entries alike
+        fingerprints = [fingerprint(t) for t in teachers] if config.cache.enabled else None
+        state.teachers = build.place_teachers(acc, teachers, tc)
         state.scheduler = build.scheduler(tc, state.optimizer, state.total_steps)
-        state.teacher_runner = self.runner = TeacherRunner.for_state(state)
+        state.teacher_runner = self.runner = TeacherRunner.for_state(state, fingerprints)
         self._evaluated_at = self._checkpointed_at = -1
         self._group_skipped = False  # a micro-batch of this accumulation group had a non-finite loss
         self.host.run("setup", state=state)

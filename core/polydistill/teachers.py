@@ -35,8 +35,8 @@ class TeacherRunner:
         self.widths = [_output_width(t) if top_k else None for t in state.teachers]
 
     @classmethod
-    def for_state(cls, state: TrainState) -> TeacherRunner:
-        """A runner with the caches ``state.config.cache`` asks for."""
+    def for_state(cls, state: TrainState, fingerprints: list[str] | None = None) -> TeacherRunner:
+        """A runner with the caches ``state.config.cache`` asks for (``fingerprints``: the teachers', if already known)."""
         cc, config = state.config.cache, state.config
         task = get_task(config.task)
         top_k = cc.top_k if task.cache_needs_top_k else None
@@ -45,8 +45,9 @@ class TeacherRunner:
                                     "token; set cache.top_k to cache the top_k of each, else the teachers run every step")
         if not cc.enabled or (task.cache_needs_top_k and top_k is None):
             return cls(state, [None] * len(state.teachers))
-        return cls(state, [open_cache(config, state.accelerator.unwrap_model(t), tok, name)
-                           for t, tok, name in zip(state.teachers, state.teacher_tokenizers, state.teacher_names)],
+        fps = fingerprints or [None] * len(state.teachers)
+        return cls(state, [open_cache(config, state.accelerator.unwrap_model(t), tok, name, fp)
+                           for t, tok, name, fp in zip(state.teachers, state.teacher_tokenizers, state.teacher_names, fps)],
                    top_k, bool(top_k) and cc.top_k_method == "sample")
 
     def summary(self) -> str | None:

@@ -194,3 +194,20 @@ def test_cli_build_on_ray(models, data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ray: 2 workers built 3 shards, 12 outputs per teacher" in proc.stdout
     assert store.status(tmp_path / "store")[0]["built"] == 3
+
+
+def test_shard_teachers_outside_fsdp_or_deepspeed_warns_and_trains(models, data, tmp_path):
+    cfg = tiny_config(models, data, tmp_path, data__eval=[], training__shard_teachers=True)
+    with pytest.warns(polydistill.PolydistillWarning, match="shard_teachers: the run is not under FSDP or DeepSpeed"):
+        result = polydistill.train(cfg)
+    assert (result.student_dir / "model.safetensors").is_file()
+
+
+def test_a_deepspeed_launch_with_sharded_teachers_needs_their_config(monkeypatch):
+    from polydistill.build import engine_plugins
+    from polydistill.config import TrainingConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="training.teacher_deepspeed_config"):
+        engine_plugins(TrainingConfig(shard_teachers=True))
+    assert engine_plugins(TrainingConfig()) == {}  # the student alone: the launch's own plugin

@@ -73,6 +73,8 @@ def test_pruning_stops_trials_that_fall_behind_at_an_evaluation(models, data, tm
         assert max(h["step"] for h in r["history"]) < 9
     md = (tmp_path / "search" / "search.md").read_text()
     assert f"{len(pruned)} pruned" in md
+    report = (tmp_path / "search" / "report" / "report.md").read_text()
+    assert f"{len(pruned)} pruned, 0 failed" in report  # pruned trials are not failures
 
 
 def test_a_killed_search_resumes_and_reruns_the_interrupted_trial(models, data, tmp_path):

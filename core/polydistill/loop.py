@@ -568,9 +568,10 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(enabled: bool, total: int, initial: int) -> Any:
+def _progress(enabled: bool, total: int, initial: int, desc: str = "train", unit: str = "step") -> Any:
+    """A tqdm bar, or one that shows nothing."""
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)

@@ -143,6 +143,8 @@ class CellSummary:
     wall_time_mean: float
     seed_values: dict[Any, dict[str, float]] = field(default_factory=dict, repr=False)  # ok seeds' values
     is_baseline: bool = False
+    #: (seed, why): trials of a search (`polydistill tune`) that its pruner stopped early.
+    pruned: list[tuple[Any, str]] = field(default_factory=list)
     comparison: PairedTest | None = None
     lang_delta: dict[str, float] = field(default_factory=dict)
 
@@ -205,7 +207,8 @@ def _summarise(plan: dict[str, Any], grouped: dict[str, dict[Any, dict[str, Any]
         summaries.append(CellSummary(
             name=cell["name"], slug=cell.get("slug", ""), levels=dict(cell.get("levels") or {}),
             n_planned=len(seeds), n_missing=sum(s not in runs for s in seeds), ok_seeds=list(ok),
-            failures=[(s, _error_text(r)) for s, r in runs.items() if r.get("status") != "ok"],
+            failures=[(s, _error_text(r)) for s, r in runs.items() if r.get("status") not in ("ok", "pruned")],
+            pruned=[(s, _error_text(r).removeprefix("pruned: ")) for s, r in runs.items() if r.get("status") == "pruned"],
             mean={k: m for k, (m, _) in stats.items()}, std={k: sd for k, (_, sd) in stats.items()},
             wall_time_mean=float(np.mean(walls)) if walls else NAN, seed_values=ok,
         ))
@@ -514,11 +517,13 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, metri
     seeds = plan.get("seeds") or []
     n_ok = sum(c.n_ok for c in cells)
     n_failed = sum(c.n_failed for c in cells)
+    n_pruned = sum(len(c.pruned) for c in cells)
     n_missing = sum(c.n_missing for c in cells)
     test_text = ("paired t-test (two-sided), Δ with 95% CI" if test == "t"
                  else "exact paired sign-flip test (two-sided)")
     summary = (f"Metric: **{metric}** · seeds: {', '.join(map(str, seeds)) or DASH} · test: {test_text} · "
-               f"baseline: **{plan.get('baseline') or DASH}** · runs: {n_ok} ok, {n_failed} failed, "
+               f"baseline: **{plan.get('baseline') or DASH}** · runs: {n_ok} ok, "
+               + (f"{n_pruned} pruned, " if n_pruned else "") + f"{n_failed} failed, "
                f"{n_missing} missing of {len(cells) * len(seeds)} planned")
 
     images: dict[str, bytes] = {}
@@ -539,6 +544,8 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, metri
     out.mkdir(parents=True, exist_ok=True)
     header, rows = _table(cells, langs, test)
     failures = [f"{c.name}, seed {seed}: {error}" for c in cells for seed, error in c.failures]
+    # a search's pruned trials are listed with the warnings' notes, not as failures
+    warnings += [f"{c.name}: {why}" for c in cells for _, why in c.pruned]
     axes = [a["name"] for a in plan.get("axes") or []]
     files = [_write(out / fname, data) for fname, data in images.items()]
     files += [

@@ -70,26 +70,26 @@ class ShardedStore:
             warn(f"cache.dir: the teacher-output store {self.path} lacks {len(missing)} of its {count} shards (its build did not "
                  "finish: run `polydistill teacher-outputs build` again to complete it); the outputs they would hold are computed")
         self.files = [f for f in self.files if f.is_file()]
-        self._tables: list[Any] | None = None
+        self._shards: list[_Shard] | None = None
         self._keys: np.ndarray | None = None  # sorted, with the shard and row of each
         self._where: np.ndarray | None = None
 
     def _index(self) -> None:
         import pyarrow as pa
 
-        tables, keys, where = [], [], []
+        shards, keys, where = [], [], []
         for s, path in enumerate(self.files):
             try:
                 table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+                shards.append(_Shard(table))
             except (OSError, pa.ArrowInvalid) as exc:
                 raise DataError(f"cache.dir: shard {path} of the teacher-output store is unreadable ({exc}); delete it and run "
                                 "`polydistill teacher-outputs build` again to rebuild it") from None
-            tables.append(table)
             keys.append(_fixed_keys(table.column("key")))
             where.append(np.stack([np.full(table.num_rows, s, dtype=np.int64), np.arange(table.num_rows, dtype=np.int64)], 1))
         flat = np.concatenate(keys) if keys else np.zeros(0, dtype="S40")
         order = np.argsort(flat, kind="stable")
-        self._tables, self._keys = tables, flat[order]
+        self._shards, self._keys = shards, flat[order]
         self._where = np.concatenate(where)[order] if where else np.zeros((0, 2), dtype=np.int64)
 
     def __len__(self) -> int:
@@ -106,14 +106,9 @@ class ShardedStore:
             wanted = np.array([entry_key(self.prefix, t) for t in texts], dtype="S40")
             pos = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
             hit = self._keys[pos] == wanted
-            by_shard: dict[int, list[tuple[int, int]]] = {}
             for j in np.nonzero(hit)[0]:
                 shard, row = self._where[pos[j]]
-                by_shard.setdefault(int(shard), []).append((int(j), int(row)))
-            for shard, pairs in by_shard.items():
-                arrays = _arrays(self._tables[shard].take([r for _, r in pairs]), self.dtype)
-                for (j, _), a in zip(pairs, arrays):
-                    out[j] = a
+                out[j] = self._shards[shard].array(int(row), self.dtype)
         found = sum(a is not None for a in out)
         self.hits += found
         self.misses += len(out) - found
@@ -127,7 +122,7 @@ class ShardedStore:
         """Nothing: a built store is read-only (many runs, on many machines, may read it at once)."""
 
     def close(self) -> None:
-        self._tables = self._keys = self._where = None
+        self._shards = self._keys = self._where = None
 
 
 def _fixed_keys(column: Any) -> np.ndarray:
@@ -144,12 +139,20 @@ def _fixed_keys(column: Any) -> np.ndarray:
     return np.frombuffer(data, dtype="S40", count=len(array), offset=int(offsets[0]))
 
 
-def _arrays(table: Any, dtype: np.dtype) -> list[np.ndarray]:
-    shapes = table.column("shape").to_pylist()
-    values = table.column("values").combine_chunks()
-    flat = values.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    offsets = values.offsets.to_numpy()
-    return [flat[offsets[k] : offsets[k + 1]].reshape(shape) for k, shape in enumerate(shapes)]
+class _Shard:
+    """One shard's values and shapes as NumPy views of the memory-mapped Arrow buffers: a row is a slice, not a copy."""
+
+    def __init__(self, table: Any):
+        values = table.column("values").combine_chunks()
+        shapes = table.column("shape").combine_chunks()
+        self.values = values.values.to_numpy(zero_copy_only=False)
+        self.offsets = values.offsets.to_numpy()
+        self.dims = shapes.values.to_numpy(zero_copy_only=False)
+        self.dim_offsets = shapes.offsets.to_numpy()
+
+    def array(self, row: int, dtype: np.dtype) -> np.ndarray:
+        shape = self.dims[self.dim_offsets[row] : self.dim_offsets[row + 1]]
+        return self.values[self.offsets[row] : self.offsets[row + 1]].astype(dtype, copy=False).reshape(shape)
 
 
 def _no_store(root: Path, teacher: str, fp: str, settings: dict[str, Any]) -> str:
@@ -292,7 +295,9 @@ def build(config: Any, out: str | Path | None = None, *, batches_per_shard: int 
     first = _first_occurrences(data.train, data.collator, plan)
     starts = np.cumsum([0] + [len(b) for b in plan])
     start = time.perf_counter()
-    bar = _bar(progress and todo, len(todo), who)
+    from polydistill.loop import _progress
+
+    bar = _progress(bool(progress and todo), len(todo), 0, f"{who}teacher outputs", "shard")
     for s in todo:
         t0 = time.perf_counter()
         columns: list[dict[str, list[Any]]] = [{"key": [], "text": [], "shape": [], "values": []} for _ in teachers]
@@ -386,17 +391,3 @@ def _write_shard(path: Path, cols: dict[str, list[Any]]) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, *a: Any, **k: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _bar(enabled: Any, total: int, who: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"{who}teacher outputs", unit="shard", dynamic_ncols=True)

@@ -95,19 +95,26 @@ def load_study(source: str | Path | dict[str, Any], overrides: dict[str, Any] | 
     return study, base_dir, study.name or stem
 
 
+def read_base(base: str | dict[str, Any], overrides: list[str], here: Path) -> tuple[dict[str, Any], Path, str]:
+    """A study's or search's base config (a path relative to ``here``, or a mapping) with its ``set`` overrides applied;
+    returns it, the folder its paths resolve from and its name in messages."""
+    if isinstance(base, str):
+        path = Path(base).expanduser()
+        path = path if path.is_absolute() else here / path
+        data, base_dir, origin = read_config_file(path), path.parent, str(path)
+    else:
+        data, base_dir, origin = json.loads(json.dumps(base)), here, "base"
+    apply_overrides(data, overrides, origin="set:")
+    return data, base_dir, origin
+
+
 def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | None = None, **overrides: Any) -> Plan:
     """Expand a study into validated runs; nothing is trained or written."""
     from polydistill.evaluation import primary_metric
     from polydistill.plugins import enabled_plugins, load_plugin_object, validate_settings
 
     study, study_dir_base, name = load_study(source, overrides)
-    if isinstance(study.base, str):
-        base_path = Path(study.base).expanduser()
-        base_path = base_path if base_path.is_absolute() else study_dir_base / base_path
-        base, base_dir, origin = read_config_file(base_path), base_path.parent, str(base_path)
-    else:
-        base, base_dir, origin = json.loads(json.dumps(study.base)), study_dir_base, "base"
-    apply_overrides(base, study.set, origin="set:")
+    base, base_dir, origin = read_base(study.base, study.set, study_dir_base)
     out = Path(output_dir or study.output_dir or Path("runs") / _slug(name)).resolve()
 
     axes = [(axis_name, axis.expand()) for axis_name, axis in study.axes.items()]

@@ -30,11 +30,11 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from polydistill.checkpoint import dump_json, find as find_checkpoint
-from polydistill.config import StrictModel, apply_overrides, format_validation_error, load_config, read_config_file, set_path
+from polydistill.config import StrictModel, format_validation_error, load_config, read_config_file, set_path
 from polydistill.errors import ConfigError, PolydistillError
 from polydistill.hookspecs import hookimpl
 from polydistill.study.executors import _lock
-from polydistill.study.plan import RESULT_FILE, STUDY_FILE, _now, _slug
+from polydistill.study.plan import RESULT_FILE, STUDY_FILE, _now, _slug, read_base
 from polydistill.study.run import _prune, _read_history
 from polydistill.study.schema import _show
 
@@ -200,13 +200,7 @@ def load_search(source: str | Path | dict[str, Any], output_dir: str | Path | No
         search = SearchConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, SearchConfig, origin)) from None
-    if isinstance(search.base, str):
-        base_path = Path(search.base).expanduser()
-        base_path = base_path if base_path.is_absolute() else here / base_path
-        base, base_dir, base_origin = read_config_file(base_path), base_path.parent, str(base_path)
-    else:
-        base, base_dir, base_origin = json.loads(json.dumps(search.base)), here, "base"
-    apply_overrides(base, search.set, origin="set:")
+    base, base_dir, base_origin = read_base(search.base, search.set, here)
     name = search.name or stem
     out = Path(output_dir or search.output_dir or Path("runs") / _slug(name)).resolve()
     config = load_config(base, base_dir=base_dir, origin=base_origin)

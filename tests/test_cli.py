@@ -23,8 +23,16 @@ def test_train_then_eval_a_run_directory(models, data, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path), "--set", "training.max_steps=3"]) == 0
-    assert "student saved to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "student saved to" in out
     run_dir = tmp_path / "run"
+    # the end of a run: its per-language table, printed and written, with a plot; eval lines name each language
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for lang, m in metrics["per_language"].items():
+        assert f"| {lang} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |" in out
+        assert f"{lang} {m['accuracy']:.4f}" in out.split("eval step 3:")[1].splitlines()[0]
+    assert "| language | accuracy | macro_f1 |" in (run_dir / "results.md").read_text()
+    assert (run_dir / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run_dir / "config.json").read_text())["training"]["max_steps"] == 3
 
     assert main(["eval", str(run_dir)]) == 0

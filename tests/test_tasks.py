@@ -10,6 +10,7 @@ from polydistill import ConfigError
 from polydistill.models import load_tokenizer
 
 from conftest import PAIRS, parallel_config, write_jsonl
+from polydistill.testing import tiny_config
 
 
 def test_embedding_distillation_in_parallel_mode_improves_retrieval(models, data, tmp_path):
@@ -233,3 +234,33 @@ def test_generative_tasks_resume_exactly(models, data, tmp_path, task):
     overrides = dict(training__epochs=2, data__batch_size=5, generation={"num_beams": 1, "max_new_tokens": 4})
     straight = polydistill.train(tiny_config(models, data, tmp_path / "a", task, **overrides))
     assert_same_student(straight, interrupted_and_resumed(tiny_config(models, data, tmp_path / "b", task, **overrides), 4))
+
+
+@pytest.mark.parametrize("pooling,normalize", [("mean", False), ("cls", True)])
+def test_an_embedding_student_is_a_complete_sentence_transformers_model(models, data, tmp_path, pooling, normalize):
+    st = pytest.importorskip("sentence_transformers")
+    import json as _json
+
+    from polydistill import models as PM
+    from polydistill.tasks import get_task
+
+    cfg = tiny_config(models, data, tmp_path, "embedding", pooling=pooling, data__eval=[],
+                      plugins={"kd": {"mse": 1.0, "normalize": normalize}})
+    result = polydistill.train(cfg)
+    student = result.student_dir
+    modules = [m["type"].rsplit(".", 1)[-1] for m in _json.loads((student / "modules.json").read_text())]
+    assert modules == ["Transformer", "Pooling"] + (["Normalize"] if normalize else [])
+    assert "SentenceTransformer" in (student / "README.md").read_text()
+
+    texts = [_json.loads(line)["de"] for line in data["parallel"].read_text().splitlines()][:6]
+    loaded = st.SentenceTransformer(str(student), device="cpu")
+    assert loaded.max_seq_length == polydistill.load_config(cfg).data.max_length
+    theirs = torch.tensor(loaded.encode(texts, convert_to_numpy=True))
+
+    model = PM.load_model(str(student), "embedding").eval()
+    tok = PM.load_tokenizer(str(student))
+    with torch.no_grad():
+        ours = PM.forward(model, dict(tok(texts, padding=True, return_tensors="pt")), get_task("embedding"), None, pooling).embeddings
+    if normalize:
+        ours = torch.nn.functional.normalize(ours, dim=-1)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)

@@ -66,7 +66,9 @@ def save_student(trainer: Any) -> Path:
         try:
             acc.unwrap_model(state.student).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             state.student_tokenizer.save_pretrained(tmp)
-            write_atomic(tmp / "README.md", model_card(trainer.config, {}, trainer.host.versions(), state.step, trainer.vocabulary))
+            trainer.usage = state.task_def.save_files(tmp, state)
+            write_atomic(tmp / "README.md", model_card(trainer.config, {}, trainer.host.versions(), state.step, trainer.vocabulary,
+                                                       trainer.usage))
             shutil.rmtree(old, ignore_errors=True)
             if student_dir.exists():
                 os.replace(student_dir, old)
@@ -82,18 +84,40 @@ def save_student(trainer: Any) -> Path:
 
 
 def save_results(trainer: Any, metrics: dict[str, Any]) -> None:
-    """Write ``metrics.json`` and the model card with the final evaluation."""
+    """Write ``metrics.json``, the model card with the final evaluation, and ``results.md`` and ``results.png``."""
+    from polydistill.evaluation import primary_metric
+    from polydistill.report import plot_run
+
     state, acc = trainer.state, trainer.accelerator
     if acc.is_main_process:
-        dump_json(trainer.output_dir / "metrics.json", metrics)
-        card = model_card(trainer.config, metrics, trainer.host.versions(), state.step, trainer.vocabulary)
-        write_atomic(trainer.output_dir / "student" / "README.md", card)
+        out = trainer.output_dir
+        dump_json(out / "metrics.json", metrics)
+        card = model_card(trainer.config, metrics, trainer.host.versions(), state.step, trainer.vocabulary,
+                          getattr(trainer, "usage", None))
+        write_atomic(out / "student" / "README.md", card)
+        if metrics.get("per_language"):
+            metric = primary_metric(trainer.config.task)
+            write_atomic(out / "results.md", f"# {out.name}: the student after {state.step} steps\n\n"
+                         + "\n".join(metrics_table(metrics)) + f"\n\n![{metric} per language](results.png)\n")
+            write_atomic(out / "results.png", plot_run(metrics, metric, f"{out.name}: {metric} per language"))
 
 
-def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str | None], steps: int, vocabulary: Any = None) -> str:
+def metrics_table(metrics: dict[str, Any]) -> list[str]:
+    """Markdown lines: one row per language and the average, one column per metric."""
+    per_lang = metrics.get("per_language", {})
+    names = sorted({k for m in per_lang.values() for k in m})
+    lines = ["| language | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for lang in sorted(per_lang):
+        lines.append(f"| {lang} | " + " | ".join(f"{per_lang[lang].get(n, float('nan')):.4f}" for n in names) + " |")
+    avg = metrics.get("average", {})
+    lines.append("| **average** | " + " | ".join(f"{avg.get(n, float('nan')):.4f}" for n in names) + " |")
+    return lines
+
+
+def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str | None], steps: int, vocabulary: Any = None,
+               usage: list[str] | None = None) -> str:
     per_lang = metrics.get("per_language", {})
     langs = sorted(per_lang)
-    names = sorted({k for m in per_lang.values() for k in m})
     tags = set(langs) | set(vocabulary.info.get("languages", {}) if vocabulary is not None else ())  # the vocabulary's languages
     lines = [
         "---",
@@ -110,6 +134,8 @@ def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str |
         f"- polydistill {__version__}",
         "",
     ]
+    if usage:
+        lines += ["## Usage", "", *usage, ""]
     if vocabulary is not None:
         vc = config.student.vocabulary
         how = {"keep": "the starting tokenizer's vocabulary", "trim": "the starting tokenizer trimmed to the tokens the training text uses",
@@ -120,12 +146,7 @@ def model_card(config: Config, metrics: dict[str, Any], plugins: dict[str, str |
                   + f". New token rows: `{vocabulary.info.get('init', vc.init)}` initialisation.", "", vocabulary.summary() + ".", "",
                   vocabulary.markdown(), ""]
     if langs:
-        lines += ["## Evaluation", "", "| language | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for lang in langs:
-            lines.append(f"| {lang} | " + " | ".join(f"{per_lang[lang].get(n, float('nan')):.4f}" for n in names) + " |")
-        avg = metrics.get("average", {})
-        lines.append("| **average** | " + " | ".join(f"{avg.get(n, float('nan')):.4f}" for n in names) + " |")
-        lines.append("")
+        lines += ["## Evaluation", "", *metrics_table(metrics), ""]
     return "\n".join(lines)
 
 

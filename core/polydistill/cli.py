@@ -133,7 +133,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, resume=resume, output_dir=out, overwrite=args.overwrite)
     except KeyboardInterrupt as exc:
         raise _Interrupted(_interrupt_hint(exc, out)) from None
-    if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
+        from polydistill.api import metrics_table
+
+        if result.metrics.get("per_language"):
+            print("\n".join(metrics_table(result.metrics)))
+            print(f"results: {out / 'results.md'} and results.png")
         print(f"student saved to {result.student_dir}")
     return 0
 

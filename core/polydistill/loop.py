@@ -249,7 +249,8 @@ class Trainer:
         return metrics
 
     #: What a run leaves in its output directory; `overwrite` deletes these.
-    RUN_FILES = ("checkpoints", "student", "vocabulary", "config.json", "plugins.json", "metrics.json", "metrics.jsonl")
+    RUN_FILES = ("checkpoints", "student", "vocabulary", "config.json", "plugins.json", "metrics.json", "metrics.jsonl",
+                 "results.md", "results.png")
 
     def _claim_output_dir(self, overwrite: bool) -> None:
         """Refuse to mix a new run into a directory that holds one, or delete that run (``overwrite``)."""
@@ -385,8 +386,14 @@ class Trainer:
         flat.update({f"eval/{lang}/{k}": v for lang, m in metrics["per_language"].items() for k, v in m.items()})
         flat.update({f"eval/plugins/{k}": v for k, v in extra.items()})
         self._record({"step": state.step, "epoch": state.epoch, **flat})
-        avg = ", ".join(f"{k} {v:.4f}" for k, v in metrics["average"].items())
-        self.accelerator.print(f"eval step {state.step}: {avg}")
+        first = get_task(self.config.task).primary_metric
+        per = metrics["per_language"]
+
+        def shown(k: str, v: float) -> str:  # the primary metric names each language
+            langs = ", ".join(f"{lang} {m[k]:.4f}" for lang, m in sorted(per.items()) if k in m) if k == first else ""
+            return f"{k} {v:.4f}" + (f" ({langs})" if langs else "")
+
+        self.accelerator.print(f"eval step {state.step}: {', '.join(shown(k, v) for k, v in metrics['average'].items())}")
         return metrics
 
     def save_checkpoint(self) -> Path:

@@ -37,10 +37,13 @@ def load_model(
 
     if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"{role}: no such model directory: {name_or_path}")  # a path, never a hub id
+    kwargs.update(hub_options(name_or_path, role))
     _check_head(name_or_path, task, labels, revision, role, require_head)
     try:
         model, info = task.model_class().from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
+        if kwargs.get("local_files_only"):
+            raise _offline_error(name_or_path, role) from None
         hint = "" if Path(name_or_path).exists() else " (not a local directory; as a hub id it needs network access or the local HF cache)"
         raise ConfigError(f"{role}: cannot load '{name_or_path}'{hint}: {_first_line(exc)}") from None
     except RuntimeError as exc:
@@ -64,6 +67,40 @@ def load_model(
     return model
 
 
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_options(name_or_path: str, role: str) -> dict[str, Any]:
+    """``from_pretrained`` options for a hub id: ``local_files_only`` when the hub cannot be reached (checked once per
+    process, 2 s at most), so an offline run reads the local HF cache at once instead of retrying for a minute."""
+    import os
+
+    if Path(name_or_path).expanduser().exists() or os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
+        return {}
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_REACHABLE:
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(endpoint)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=2).close()
+            _HUB_REACHABLE[endpoint] = True
+        except OSError:
+            _HUB_REACHABLE[endpoint] = False
+    return {} if _HUB_REACHABLE[endpoint] else {"local_files_only": True}
+
+
+def _offline_error(name_or_path: str, role: str) -> ConfigError:
+    from huggingface_hub import constants
+
+    return ConfigError(f"{role}: '{name_or_path}' is not a local folder, the hub ({constants.ENDPOINT}) cannot be reached, and "
+                       f"it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); give a local model folder, or "
+                       "download it once where there is network (HF_HUB_OFFLINE=1 then reads the cache without trying the network)")
+
+
 def _check_head(name_or_path: str, task: Task, labels: list[str] | None, revision: str | None, role: str, require_head: bool) -> None:
     """Refuse a checkpoint whose head is for another task, or names other labels than the run's in the same slots."""
     if not task.head:
@@ -73,7 +110,7 @@ def _check_head(name_or_path: str, task: Task, labels: list[str] | None, revisio
     from polydistill.tasks import task_names
 
     try:
-        own = AutoConfig.from_pretrained(name_or_path, **({"revision": revision} if revision else {}))
+        own = AutoConfig.from_pretrained(name_or_path, **({"revision": revision} if revision else {}), **hub_options(name_or_path, role))
     except (OSError, ValueError):
         return  # loading the model says what is wrong
     archs = list(getattr(own, "architectures", None) or [])
@@ -103,9 +140,12 @@ def load_tokenizer(name_or_path: str, role: str = "tokenizer", revision: str | N
     """A fast tokenizer by hub id or path; with ``task``, as the task needs it (``Task.prepare_tokenizer``)."""
     from transformers import AutoTokenizer
 
+    offline = hub_options(name_or_path, role)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, **({"revision": revision} if revision else {}))
+        tok = AutoTokenizer.from_pretrained(name_or_path, **({"revision": revision} if revision else {}), **offline)
     except (OSError, ValueError) as exc:
+        if offline:
+            raise _offline_error(name_or_path, role) from None
         raise ConfigError(f"{role}: cannot load tokenizer '{name_or_path}': {exc}") from None
     if not getattr(tok, "is_fast", False):
         raise ConfigError(f"{role}: '{name_or_path}' has no fast tokenizer; polydistill needs one for word alignment")
@@ -208,9 +248,12 @@ def student_from_config(base: str, overrides: dict[str, Any], task: str | Task, 
     """A randomly initialised model: ``base``'s config with ``overrides``."""
     from transformers import AutoConfig
 
+    offline = hub_options(base, "student.config.base")
     try:
-        config = AutoConfig.from_pretrained(base)
+        config = AutoConfig.from_pretrained(base, **offline)
     except (OSError, ValueError) as exc:
+        if offline:
+            raise _offline_error(base, "student.config.base") from None
         raise ConfigError(f"student.config.base: cannot load config '{base}': {exc}") from None
     fields = set(config.to_dict())
     for key in overrides:

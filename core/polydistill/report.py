@@ -330,6 +330,25 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def plot_run(metrics: dict[str, Any], metric: str, title: str) -> bytes:
+    """One run's ``metric`` per language and on average, as bars labelled with their values (PNG)."""
+    per = metrics.get("per_language") or {}
+    langs = sorted(l for l in per if metric in per[l])
+    values = [float(per[l][metric]) for l in langs] + [float((metrics.get("average") or {}).get(metric, NAN))]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(values) + 1.5), 3.5), dpi=120)
+    bars = ax.bar(range(len(values)), values, color=["C0"] * len(langs) + ["C1"])
+    ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+    ax.set_xticks(range(len(values)), langs + ["average"], rotation=45 if len(values) > 12 else 0)
+    finite = [v for v in values if not math.isnan(v)]
+    if finite and 0 <= min(finite) and max(finite) <= 1:
+        ax.set_ylim(0, 1.05)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _plot_per_language(cells: list[CellSummary], langs: list[str], metric: str, title: str) -> bytes:
     plt = _pyplot()
     groups, colors = [*langs, "average"], _colors(len(cells))

@@ -43,6 +43,9 @@ class TrainState:
     #: Set to its name by a plugin (in ``trainable_modules``) whose terms compare a teacher with the student
     #: across tokenizers (kd's ``uld``): per-token tasks then accept teachers that read other tokens. Since API 1.2.
     cross_tokenizer: str | None = None
+    #: Set to its name by a plugin (before the first step) whose loss compares L2-normalised sentence embeddings
+    #: (kd's ``normalize``): the saved embedding student then ends in a sentence-transformers Normalize module. Since API 1.3.
+    normalized_embeddings: str | None = None
     optimizer: Any = None
     scheduler: Any = None
     step: int = 0

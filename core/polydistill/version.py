@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 #: ``load_data`` (a plugin's own data file, read as the run's); tasks as modules (``Task``, ``get_task``,
 #: ``TrainState.task_def``); ``TrainState.run_teacher`` and ``.fuse_teacher_outputs`` (the teacher runner, cache
 #: included); typed loss hints (``LossHints``, ``Batch.with_hints``, ``Batch.loss_hints``) for what 1.1 passed in
-#: ``batch.meta["temperature"]``/``["sample_weights"]`` (still read).
-API_VERSION = "1.2"
+#: ``batch.meta["temperature"]``/``["sample_weights"]`` (still read). 1.3: ``TrainState.normalized_embeddings``,
+#: ``Task.save_files`` (a saved student's files besides weights and tokenizer).
+API_VERSION = "1.3"

@@ -196,6 +196,8 @@ class StandardKD:
         if self.weights["uld"] and not task.cache_needs_top_k:
             raise ConfigError(f"plugins.kd.uld: the cross-tokenizer term compares distributions over two vocabularies, which "
                               f"the {task.name} task's outputs are not (causal_lm and seq2seq's are)")
+        if embed and s.normalize and (self.weights["mse"] or self.weights["cosine"]):
+            state.normalized_embeddings = "kd"  # the student learned normalised vectors: its saved model normalises too
         if self.weights["uld"]:
             state.cross_tokenizer = "kd"
             other = [n for n, same in zip(state.teacher_names, state.same_tokens) if not same]

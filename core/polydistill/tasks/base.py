@@ -116,6 +116,11 @@ class Task:
         """The tokenizer as the task needs it (e.g. with a padding token)."""
         return tokenizer
 
+    def save_files(self, directory: Any, state: Any) -> list[str]:
+        """Write what the saved student needs besides its weights and tokenizer (``directory``: the student folder
+        being built); returns lines for the model card's usage section. Default: nothing."""
+        return []
+
     def check_teachers(self, names: list[str], same_tokens: list[bool]) -> None:
         """Refuse teachers the task cannot learn from (``same_tokens[i]``: teacher ``i`` reads the student's tokens).
 

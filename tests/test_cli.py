@@ -111,3 +111,22 @@ def test_demo_quick_run_shows_transfer(tmp_path):
     png = (tmp_path / "demo" / "results.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     assert "| student after |" in (tmp_path / "demo" / "results.md").read_text()
+
+
+def test_threads_option_sets_the_runs_threads(models, data, tmp_path, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))  # restored after the test
+    cfg = parallel_config(models, data, tmp_path, training__max_steps=1, data__eval=[])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        assert main(["train", str(path), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["num_threads"] == 1
+    for verb in (["train"], ["eval"], ["vocab"], ["ablate"], ["tune"], ["demo"], ["teacher-outputs", "build"]):
+        shown = subprocess.run([sys.executable, "-m", "polydistill", *verb, "--help"], capture_output=True, text=True).stdout
+        assert "--threads" in shown, verb

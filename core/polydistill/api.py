@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from polydistill.version import __version__
-from polydistill.checkpoint import dump_json, write_atomic
+from polydistill.checkpoint import tidy, dump_json, write_atomic
 from polydistill.config import Config, load_config
 from polydistill.errors import ConfigError
 
@@ -91,7 +91,7 @@ def save_results(trainer: Any, metrics: dict[str, Any]) -> None:
     state, acc = trainer.state, trainer.accelerator
     if acc.is_main_process:
         out = trainer.output_dir
-        dump_json(out / "metrics.json", metrics)
+        dump_json(out / "metrics.json", tidy(metrics))
         card = model_card(trainer.config, metrics, trainer.host.versions(), state.step, trainer.vocabulary,
                           getattr(trainer, "usage", None))
         write_atomic(out / "student" / "README.md", card)

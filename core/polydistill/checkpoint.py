@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -187,6 +188,17 @@ def find(path: Path) -> Path | None:
 
 def load_extra(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / EXTRA, map_location="cpu", weights_only=False)
+
+
+def tidy(value: Any) -> Any:
+    """Floats (in nested dicts and lists) to 10 significant digits: 0.0575, not 0.057499999999999996."""
+    if isinstance(value, float):
+        return float(f"{value:.10g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: tidy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [tidy(v) for v in value]
+    return value
 
 
 def dump_json(path: Path, data: Any) -> None:

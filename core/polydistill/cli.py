@@ -22,6 +22,12 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set training.learning_rate=3e-5 (repeatable)")
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (and OMP_NUM_THREADS of the processes it starts); default: torch's, all cores. "
+                        "On a shared machine give each job its share: two jobs each spinning on every core run many times slower")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polydistill", description="Knowledge distillation for cross-lingual transfer.")
     parser.add_argument("--version", action="version", version=f"polydistill {__version__}")
@@ -37,15 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint of the run directory (or of PATH)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete a previous run in the output directory first (without it, or --resume, such a directory is refused)")
+    _add_threads(p)
 
     p = sub.add_parser("eval", help="evaluate a run's student, or a config's models, per language")
     p.add_argument("target", help="run directory or config file")
     _add_set(p)
-    p.add_argument("--which", choices=["student", "teachers", "all"], default="student")
+    p.add_argument("--which", choices=["student", "teachers", "all"], default="student",
+                   help="evaluate the run's student (default), the config's teachers, or both side by side")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_threads(p)
 
     p = sub.add_parser("plugins", help="list installed plugins, their versions and hooks; `plugins new NAME` starts one")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
     psub = p.add_subparsers(dest="plugins_action", metavar="ACTION")
     n = psub.add_parser("new", help="write a plugin package (pyproject, src/, settings, a hook, a test, README)")
     n.add_argument("name", help="the plugin's name in configs, e.g. my_term")
@@ -63,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--out", help="also write the tokenizer, vocabulary.json and coverage.{json,md} to this folder")
     p.add_argument("--json", action="store_true", help="print the coverage as JSON")
+    _add_threads(p)
 
     p = sub.add_parser("teacher-outputs", help="build the teachers' outputs over the training data as a sharded store, in parallel")
     tsub = p.add_subparsers(dest="store_action", required=True, metavar="ACTION")
@@ -77,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=2, help="with --ray: the number of tasks (default 2)")
     b.add_argument("--gpus-per-worker", type=float, default=0, help="with --ray: GPUs each task asks for (default 0)")
     b.add_argument("--no-progress", action="store_true", help="a line per shard instead of a progress bar")
+    _add_threads(b)
     st = tsub.add_parser("status", help="the stores in a directory: teacher, settings, shards built")
     st.add_argument("dir", help="the store's directory (cache.dir)")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -89,12 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     p.add_argument("--dry-run", action="store_true", help="validate and print the runs without training")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    _add_threads(p)
 
     p = sub.add_parser("tune", help="search config fields and plugin sets (Optuna or Ray Tune) with pruning; writes the best config")
     p.add_argument("search", help="search file (YAML or JSON): base, space, trials, objectives")
     p.add_argument("--output-dir", help="search directory (default: the search's output_dir, else runs/<name>)")
     p.add_argument("--trials", type=int, help="trials in all (default: the search file's); a rerun adds the ones it lacks")
     p.add_argument("--report-only", action="store_true", help="write search.md, best.yaml and the report of the trials so far, run none")
+    _add_threads(p)
 
     p = sub.add_parser("report", help="tables, significance tests and plots of an ablation study directory")
     p.add_argument("study_dir", help="the study directory `polydistill ablate` wrote")
@@ -103,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", choices=["t", "permutation"], default="t",
                    help="paired significance test over seeds: Student t (default) or exact sign-flip permutation")
 
-    p = sub.add_parser("demo", help="offline cross-lingual distillation demo (tiny models, under 5 minutes on CPU)")
+    p = sub.add_parser("demo", help="offline cross-lingual distillation demo (tiny models; about 25 s on 2 CPU cores)")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run, weaker numbers)")
+    _add_threads(p)
     # --debug is accepted after the command too; SUPPRESS keeps a subcommand from resetting the global flag.
     for choice in {id(c): c for c in sub.choices.values()}.values():
         choice.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -277,7 +291,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             changes = ", ".join(f"{k}={json.dumps(v)}" for k, v in cell.overrides.items()) or "(base config)"
             print(f"  {cell.name}: {changes}")
         return 0
-    result = ablate(args.study, args.output_dir, jobs=args.jobs, executor=executor, retry_failed=args.retry_failed)
+    result = ablate(args.study, args.output_dir, jobs=args.jobs, executor=executor, retry_failed=args.retry_failed,
+                    threads=args.threads)
     if not args.no_report:
         from polydistill.report import write_report
 
@@ -365,7 +380,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from polydistill.demo import run_demo
 
-    run_demo(Path(args.output_dir), quick=args.quick)
+    run_demo(Path(args.output_dir), quick=args.quick, threads=args.threads)
     return 0
 
 
@@ -373,6 +388,18 @@ COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "config": cmd_config,
     "ablate": cmd_ablate, "report": cmd_report, "teacher-outputs": cmd_teacher_outputs, "tune": cmd_tune, "demo": cmd_demo, "vocab": cmd_vocab,
 }
+
+
+def _use_threads(args: argparse.Namespace) -> None:
+    """--threads: this process's torch threads, its children's OpenMP threads, and the run config's num_threads."""
+    if args.threads < 1:
+        raise SystemExit("polydistill: error: --threads: must be at least 1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    if hasattr(args, "overrides"):  # a run's own training.num_threads would set it again
+        args.overrides = [*args.overrides, f"training.num_threads={args.threads}"]
 
 
 def _debug(args: argparse.Namespace) -> bool:
@@ -391,6 +418,8 @@ _plain_format = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = _debug(args)
+    if getattr(args, "threads", None) is not None:
+        _use_threads(args)
     warnings.formatwarning = _format_warning
     try:
         return COMMANDS[args.command](args)

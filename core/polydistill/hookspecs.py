@@ -242,7 +242,9 @@ def on_step_end(state: TrainState, logs: dict[str, float]) -> None:
     this step's ``loss/<name>`` and ``reg/<name>`` terms and ``loss`` (each
     averaged over the step's gradient-accumulation micro-batches) and
     ``lr``; a plugin may add entries (``logs["temperature"] = 2.0``), which
-    are logged with them.
+    are logged with them. A record (every ``training.log_every`` steps) holds
+    the mean of each float since the previous record, and the sum of each
+    ``int``: give a count for this step as an int (``logs["augmented"] = 8``).
 
     Combining: every implementation runs, in no guaranteed order.
     """

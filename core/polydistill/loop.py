@@ -318,8 +318,6 @@ class Trainer:
         state.step += 1
         keys = dict.fromkeys(k for m in micro for k in m)
         logs = {k: float(np.mean([m[k] for m in micro if k in m])) for k in keys}
-        if state.skipped_batches:
-            logs["skipped_batches"] = state.skipped_batches
         micro.clear()
         logs["lr"] = lr
         self.host.run("on_step_end", state=state, logs=logs)
@@ -486,13 +484,20 @@ class Trainer:
         if state.step % tc.log_every and state.step != state.total_steps:
             return
         keys = dict.fromkeys(k for row in self._pending for k in row)
-        mean = {k: float(np.mean([row[k] for row in self._pending if k in row])) for k in keys}
+        mean: dict[str, Any] = {}
+        for k in keys:  # ints are this step's counts: summed; floats averaged
+            values = [row[k] for row in self._pending if k in row]
+            counts = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            mean[k] = int(sum(values)) if counts else float(np.mean(values))
         mean["lr"] = logs["lr"]
+        if state.skipped_batches:
+            mean["skipped_batches"] = state.skipped_batches  # a running total, not a per-step count
         self._pending.clear()
         self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in mean.items() if k != "lr"}, refresh=False)
         self._record({"step": state.step, "epoch": state.epoch, "elapsed_s": round(time.perf_counter() - self._start, 3), **mean})
 
     def _record(self, row: dict[str, Any]) -> None:
+        row = ckpt.tidy(row)
         self.state.history.append(row)
         acc = self.accelerator
         if acc.is_main_process:

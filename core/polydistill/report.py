@@ -308,6 +308,11 @@ def _runs_csv(runs: list[dict[str, Any]], grouped: dict[str, dict[Any, dict[str,
 # ---------------------------------------------------------------- plots
 
 
+#: What a metric's short name means on a plot's axis.
+METRIC_LABELS = {"mean": "retrieval accuracy (both directions)", "macro_f1": "macro-F1", "exact_match": "exact match",
+                 "next_token_accuracy": "next-token accuracy"}
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -343,7 +348,7 @@ def plot_run(metrics: dict[str, Any], metric: str, title: str) -> bytes:
     finite = [v for v in values if not math.isnan(v)]
     if finite and 0 <= min(finite) and max(finite) <= 1:
         ax.set_ylim(0, 1.05)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(title)
     fig.tight_layout()
     return _png(fig)
@@ -363,7 +368,8 @@ def _plot_per_language(cells: list[CellSummary], langs: list[str], metric: str, 
         ax.axhline(base.mean["average"], color="black", linestyle="--", linewidth=1,
                    label=f"baseline average ({base.name})")
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel(metric)
+    spread = any(len(c.ok_seeds) > 1 for c in cells)
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (" (mean ± std over seeds)" if spread else ""))
     ax.set_title(title)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(cells) + 1), fontsize=8, frameon=False)
     return _png(fig)
@@ -433,15 +439,23 @@ def _plot_deltas(cells: list[CellSummary], metric: str) -> bytes:
     rows = [c for c in cells if not c.is_baseline]
     fig, ax = plt.subplots(figsize=(8.0, max(2.5, 1.5 + 0.4 * len(rows))), dpi=120)
     deltas = np.array([c.delta for c in rows])
-    err = np.array([[c.delta - c.ci[0] for c in rows], [c.ci[1] - c.delta for c in rows]])
-    significant = ["tab:orange" if c.p_value < 0.05 else "tab:blue" for c in rows]
-    ax.barh(np.arange(len(rows)), deltas, xerr=err, capsize=3, color=significant)
+    # only what the seeds support: an interval and a test need two paired seeds or more
+    tested = [c for c in rows if c.comparison is not None and not math.isnan(c.p_value)]
+    label = METRIC_LABELS.get(metric, metric)
+    if tested:
+        err = np.array([[c.delta - c.ci[0] for c in rows], [c.ci[1] - c.delta for c in rows]])
+        err = np.where(np.isnan(err), 0.0, err)
+        colors = ["tab:orange" if c.p_value < 0.05 else "tab:blue" for c in rows]
+        ax.barh(np.arange(len(rows)), deltas, xerr=err, capsize=3, color=colors)
+        ax.set_xlabel(f"change in average {label} vs baseline ({base.name}), with 95% t interval over seeds")
+        ax.legend(handles=[Patch(color="tab:orange", label="p < 0.05"), Patch(color="tab:blue", label="p ≥ 0.05")],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.15 - 0.6 / len(rows)), ncol=2, fontsize=8, frameon=False)
+    else:
+        ax.barh(np.arange(len(rows)), deltas, color="tab:blue")
+        ax.set_xlabel(f"change in average {label} vs baseline ({base.name}); one seed: no interval or test")
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(range(len(rows)), [c.name for c in rows])
     ax.invert_yaxis()  # plan order top to bottom
-    ax.set_xlabel(f"Δ average {metric} vs baseline ({base.name}), 95% t CI")
-    ax.legend(handles=[Patch(color="tab:orange", label="p < 0.05"), Patch(color="tab:blue", label="p ≥ 0.05")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.15 - 0.6 / len(rows)), ncol=2, fontsize=8, frameon=False)
     return _png(fig)
 
 

@@ -576,7 +576,7 @@ class GanData:
     @hookimpl
     def on_step_end(self, state: Any, logs: dict[str, float]) -> None:
         for key, values in self._logs.items():
-            logs[f"{NAME}/{key}"] = float(sum(values) / len(values)) if key != "generated" else float(sum(values))
+            logs[f"{NAME}/{key}"] = float(sum(values) / len(values)) if key != "generated" else int(sum(values))
         if self.scheduler is not None:
             logs[f"{NAME}/lr"] = float(self.scheduler.get_last_lr()[0])
         self._logs = {}

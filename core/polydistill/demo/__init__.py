@@ -49,10 +49,10 @@ def write_data(rows: list[dict[str, str]], data_dir: Path) -> dict[str, Path]:
     return files
 
 
-def configs(out: Path, files: dict[str, Path], labels: list[str], quick: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def configs(out: Path, files: dict[str, Path], labels: list[str], quick: bool, threads: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The teacher fine-tuning config and the distillation config (plain polydistill configs)."""
     test = {"path": str(files["test"]), "columns": {"text": "text", "label": "label", "lang": "lang"}}
-    common = {"progress": False, "log_every": 20, "seed": 0}
+    common = {"progress": False, "log_every": 20, "seed": 0, "num_threads": threads}
     teacher = {
         "task": "sequence_classification",
         "labels": labels,
@@ -96,9 +96,12 @@ axes:
 """
 
 
-def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
-    """Run the whole demo into ``out``; returns the per-language results."""
+def run_demo(out: Path, quick: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Run the whole demo into ``out`` (``threads``: torch CPU threads); returns the per-language results."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import polydistill
     from polydistill import models as M
@@ -121,7 +124,7 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, Any]:
         out / "teacher-init", train_texts, tokenizer=tokenizer, id2label=dict(enumerate(labels)),
         hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, seed=0,
     )
-    teacher_cfg, distill_cfg = configs(out, files, labels, quick)
+    teacher_cfg, distill_cfg = configs(out, files, labels, quick, threads)
     for name, cfg in (("teacher.yaml", teacher_cfg), ("distill.yaml", distill_cfg)):
         (out / name).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     (out / "ablation.yaml").write_text(ABLATION.format(output_dir=out.resolve() / "ablation", study=out.resolve() / "ablation.yaml"), encoding="utf-8")

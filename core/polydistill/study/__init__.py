@@ -52,15 +52,17 @@ def ablate(
     executor: str | None = None,
     retry_failed: bool = False,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> StudyResult:
     """Run every run of a study that has no result yet; returns all records.
 
     Finished runs are skipped; a run interrupted earlier resumes from its latest
-    checkpoint; a failed run is rerun from scratch only with ``retry_failed``. A
+    checkpoint; a failed run is rerun from scratch only with ``retry_failed``; ``threads``: torch threads of each
+    run in its own process (``threads_per_run``). A
     finished run whose config no longer matches the study is an error (start a new
     directory), raised before anything in the directory changes.
     """
-    plan = plan_study(source, output_dir, jobs=jobs, executor=executor)
+    plan = plan_study(source, output_dir, jobs=jobs, executor=executor, threads_per_run=threads)
     plan.dir.mkdir(parents=True, exist_ok=True)
     with _lock(plan.dir):
         result = StudyResult(plan.dir, plan)

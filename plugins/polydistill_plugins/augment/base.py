@@ -249,7 +249,7 @@ class _Augment:
     @hookimpl
     def on_step_end(self, state: Any, logs: dict[str, float]) -> None:
         for key, value in self.counts.items():
-            logs[f"{self.name}/{key}"] = float(value)
+            logs[f"{self.name}/{key}"] = int(value)  # a count: the record sums it
             self.counts[key] = 0
 
 

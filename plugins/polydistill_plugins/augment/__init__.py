@@ -1,4 +1,4 @@
-"""Text augmentation plugins: ``synonym``, ``back_translation`` and ``code_switch``.
+"""Text augmentation plugins: ``synonym``, ``back_translation``, ``code_switch`` and ``nlpaug``.
 
 All three change the raw text of some training samples in ``augment_batch``
 and re-encode the batch with ``batch.replace_texts``, so the teachers read
@@ -34,10 +34,11 @@ is replaced by exactly one word), so word labels stay aligned.
 from polydistill_plugins.augment.back_translation import BackTranslation, BackTranslationSettings, TranslationModel
 from polydistill_plugins.augment.base import AugmentSettings, language_code, read_word_table, replace_words
 from polydistill_plugins.augment.code_switch import CodeSwitch, CodeSwitchSettings
+from polydistill_plugins.augment.nlpaug_augment import NlpaugAugment, NlpaugSettings
 from polydistill_plugins.augment.synonym import SYSTEM_WORDNET_DIRS, SynonymAugment, SynonymSettings, load_wordnet
 
 __all__ = [
-    "AugmentSettings", "BackTranslation", "BackTranslationSettings", "CodeSwitch", "CodeSwitchSettings",
+    "AugmentSettings", "BackTranslation", "BackTranslationSettings", "CodeSwitch", "CodeSwitchSettings", "NlpaugAugment", "NlpaugSettings",
     "SYSTEM_WORDNET_DIRS", "SynonymAugment", "SynonymSettings", "TranslationModel", "language_code", "load_wordnet",
     "read_word_table", "replace_words",
 ]

@@ -438,3 +438,26 @@ def test_load_data_reads_a_plugin_s_file_as_the_run_s_data_are_read(data, tmp_pa
         polydistill.load_data({"path": str(data["eval"]), "colums": {}}, cfg)
     with pytest.raises(polydistill.DataError, match="column 'nope' .*not found"):
         polydistill.load_data({"path": str(data["eval"]), "columns": {"text": "nope"}}, cfg)
+
+
+def test_sample_draws_seeded_rows_in_file_order(tmp_path):
+    from polydistill.config import DataSource, load_config
+    from polydistill.data import load_source
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"row {i}", "lang": "en"} for i in range(50)])
+    cfg = load_config({"task": "sequence_classification", "student": {"model": "x"}, "labels": ["a"],
+                       "data": {"train": {"path": str(path)}}})
+
+    def rows(**kw):
+        return load_source(DataSource(path=str(path), **kw), cfg.task, cfg._base_dir)["text"]
+
+    first = rows(sample=10, sample_seed=1)
+    assert len(first) == 10 and len(set(first)) == 10
+    assert first == sorted(first, key=lambda t: int(t.split()[1]))  # file order
+    assert rows(sample=10, sample_seed=1) == first and rows(sample=10, sample_seed=2) != first
+    assert first != rows(limit=10)
+    assert len(rows(sample=500)) == 50  # fewer rows than asked: all of them
+    with pytest.raises(ValueError, match="one of limit .* and sample"):
+        DataSource(path=str(path), sample=3, limit=3)
+    with pytest.raises(ValueError, match="streamed source"):
+        DataSource(path=str(path), sample=3, streaming=True)

@@ -176,3 +176,11 @@ def test_ci_runs_the_readme_test_command_exactly():
     command = readme[next(i for i, line in enumerate(readme) if line.startswith("# 2. ")) + 1]
     assert "python -m pytest" in command
     assert command in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def test_every_example_config_is_listed_on_the_examples_page():
+    root = Path(__file__).resolve().parents[1] / "docs"
+    page = (root / "examples.md").read_text(encoding="utf-8")
+    files = sorted(str(p.relative_to(root / "examples")) for p in (root / "examples").rglob("*") if p.suffix in (".yaml", ".json"))
+    missing = [f for f in files if f"(examples/{f})" not in page]
+    assert not missing, f"docs/examples.md does not list {missing}"

@@ -164,13 +164,20 @@ class DataSource(StrictModel):
     lang: str | None = Field(None, description='Language tag for every row, when there is no `columns.lang`.')
     columns: Columns = Field(default_factory=Columns, description='Which columns hold what.')
     filter: dict[str, Any] | None = Field(None, description='Keep only rows whose columns equal these values, e.g. `{split: train}`.')
-    limit: int | None = Field(None, ge=1, description='Read at most this many rows (after `filter`).')
+    limit: int | None = Field(None, ge=1, description='Read at most this many rows (after `filter`): the first ones.')
+    sample: int | None = Field(None, ge=1, description='Read this many rows (after `filter`) drawn at random without replacement, seeded by `sample_seed`, kept in file order (all rows when there are fewer); instead of `limit`. Not for streamed sources.')
+    sample_seed: int = Field(0, ge=0, description='Seed of `sample` (the same seed draws the same rows, whatever training.seed is).')
     streaming: bool = Field(False, description='Stream rows instead of loading them (corpora larger than memory). Needs `training.max_steps`; training sources only.')
 
     @model_validator(mode="after")
     def _one_input(self) -> DataSource:
         if (self.path is None) == (self.aligned is None):
             raise ValueError("give exactly one of path, aligned")
+        if self.sample is not None and self.limit is not None:
+            raise ValueError("give one of limit (the first N rows) and sample (N rows drawn at random), not both")
+        if self.sample is not None and self.streaming:
+            raise ValueError("sample: a streamed source's length is not known; use limit (its first N rows), or load it "
+                             "without streaming")
         return self
 
 

@@ -235,7 +235,7 @@ def check_labels(ds: Any, labels: list[str], task: str, where: str, column: str)
 
 
 def normalise(ds: Any, source: DataSource, where: str) -> Any:
-    """Keep and rename the mapped columns to text/source/label/lang; apply filter and limit."""
+    """Keep and rename the mapped columns to text/source/label/lang; apply filter, limit and sample."""
     cols = source.columns
     names = list(ds.column_names or [])
     wanted = {"text": cols.text, "source": cols.source, "label": cols.label, "lang": cols.lang, "target": cols.target,
@@ -251,6 +251,9 @@ def normalise(ds: Any, source: DataSource, where: str) -> Any:
         ds = ds.filter(lambda row: all(row[k] == v for k, v in expected.items()))
     if source.limit is not None:
         ds = ds.take(source.limit) if source.streaming else ds.select(range(min(source.limit, len(ds))))
+    if source.sample is not None and source.sample < len(ds):
+        picked = np.random.default_rng(source.sample_seed).choice(len(ds), size=source.sample, replace=False)
+        ds = ds.select(np.sort(picked).tolist())
     keep = {}
     copies = {}  # one column mapped to two roles (e.g. text and source) is read twice
     for role, col in wanted.items():

@@ -130,3 +130,22 @@ def test_threads_option_sets_the_runs_threads(models, data, tmp_path, monkeypatc
     for verb in (["train"], ["eval"], ["vocab"], ["ablate"], ["tune"], ["demo"], ["teacher-outputs", "build"]):
         shown = subprocess.run([sys.executable, "-m", "polydistill", *verb, "--help"], capture_output=True, text=True).stdout
         assert "--threads" in shown, verb
+
+
+def test_every_cli_option_has_help_text():
+    import argparse
+
+    from polydistill.cli import build_parser
+
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    walk(child, f"{name} {sub}")
+            elif action.help is None:
+                missing.append(f"{name} {action.option_strings or action.dest}")
+
+    walk(build_parser(), "polydistill")
+    assert not missing

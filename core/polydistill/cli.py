@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     csub.add_parser("schema", help="JSON schema of the config")
     v = csub.add_parser("validate", help="validate a config, including each enabled plugin's options")
-    v.add_argument("config")
+    v.add_argument("config", help="YAML or JSON config file")
     _add_set(v)
 
     p = sub.add_parser("vocab", help="coverage of the student's vocabulary per language (and of the one student.vocabulary builds), without training")
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired significance test over seeds: Student t (default) or exact sign-flip permutation")
 
     p = sub.add_parser("demo", help="offline cross-lingual distillation demo (tiny models; about 25 s on 2 CPU cores)")
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--output-dir", default="runs/demo", help="where the demo writes its data, models and results (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run, weaker numbers)")
     _add_threads(p)
     # --debug is accepted after the command too; SUPPRESS keeps a subcommand from resetting the global flag.

@@ -184,3 +184,21 @@ def test_every_example_config_is_listed_on_the_examples_page():
     files = sorted(str(p.relative_to(root / "examples")) for p in (root / "examples").rglob("*") if p.suffix in (".yaml", ".json"))
     missing = [f for f in files if f"(examples/{f})" not in page]
     assert not missing, f"docs/examples.md does not list {missing}"
+
+
+def test_example_configs_have_no_repeated_keys():
+    """YAML keeps the last of two equal keys silently: a repeated section would hide the first."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        repeated = {k for k in keys if keys.count(k) > 1}
+        assert not repeated, f"line {node.start_mark.line + 1}: repeated keys {repeated}"
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    for path in sorted((Path(__file__).resolve().parents[1] / "docs" / "examples").rglob("*.yaml")):
+        yaml.load(path.read_text(encoding="utf-8"), Loader=Strict)  # noqa: S506 (a SafeLoader subclass)

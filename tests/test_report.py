@@ -319,3 +319,18 @@ def test_cell_with_every_run_failed(tmp_path):
     assert f"| {cell_name(2)} | – | – | – | – | – (no paired seeds) | 0/2 | – |" in md
     assert md.count(f"- {cell_name(2)}, seed") == 2
     assert {"per_language.png", "curves.png", "deltas.png"} <= {p.name for p in report.files}
+
+
+def test_report_of_one_run_draws_its_losses_and_languages(models, data, tmp_path, capsys):
+    import polydistill
+    from polydistill.cli import main
+    from polydistill.testing import tiny_config
+
+    cfg = tiny_config(models, data, tmp_path, training__epochs=2, training__eval_every=1)
+    polydistill.train(cfg)
+    assert main(["report", str(tmp_path / "run")]) == 0
+    out = tmp_path / "run" / "report"
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.html", "losses.png", "eval_accuracy.png", "eval_macro_f1.png"}
+    html_page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html_page and "<td>de</td>" in html_page  # self-contained, per language
+    assert "| de |" in capsys.readouterr().out

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="write search.md, best.yaml and the report of the trials so far, run none")
     _add_threads(p)
 
-    p = sub.add_parser("report", help="tables, significance tests and plots of an ablation study directory")
-    p.add_argument("study_dir", help="the study directory `polydistill ablate` wrote")
+    p = sub.add_parser("report", help="tables, significance tests and plots of a study (or search) directory; "
+                       "for one run's directory, its loss terms and per-language metrics over the steps")
+    p.add_argument("study_dir", help="the directory `polydistill ablate` or `tune` wrote, or a `train` run directory")
     p.add_argument("--output-dir", help="where to write the report (default: STUDY_DIR/report)")
     p.add_argument("--metric", help="metric to compare (default: the study's)")
     p.add_argument("--test", choices=["t", "permutation"], default="t",
@@ -367,7 +368,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from polydistill.report import write_report
+    from polydistill.report import is_run_dir, write_report, write_run_report
+
+    if is_run_dir(args.study_dir):
+        run = write_run_report(args.study_dir, args.output_dir)
+        print((run.out_dir / "report.md").read_text(encoding="utf-8"))
+        print(f"wrote {run.out_dir}/report.md, report.html and {len(run.files) - 2} plots")
+        return 0
 
     report = write_report(args.study_dir, args.output_dir, metric=args.metric, test=args.test)
     for warning in report.warnings:

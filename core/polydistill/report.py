@@ -590,3 +590,82 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, metri
                                           warnings, images, n_ok == 0)),
     ]
     return Report(out, files, cells, warnings, metric)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A `polydistill train` run directory (config.json and metrics.jsonl), not a study."""
+    p = Path(path)
+    return (p / "metrics.jsonl").is_file() and (p / "config.json").is_file() and not (p / "study.json").is_file()
+
+
+def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Report:
+    """One run's curves: each loss term, and each language's evaluation metrics, over the steps (PNG, md, HTML)."""
+    from polydistill.api import metrics_table
+
+    root = Path(run_dir)
+    rows = []
+    for n, line in enumerate((root / "metrics.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ConfigError(f"{root / 'metrics.jsonl'}: line {n} is not JSON") from None
+    config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    terms = sorted({k for r in train for k in r if k == "loss" or k.startswith(("loss/", "reg/"))})
+    images: dict[str, bytes] = {}
+    plt = _pyplot()
+    if train:
+        fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+        for k in terms:
+            pts = [(r["step"], r[k]) for r in train if k in r]
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=k, linewidth=2 if k == "loss" else 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("value (mean since the previous record)")
+        ax.set_title(f"{root.name}: loss terms")
+        ax.legend(fontsize=7)
+        images["losses.png"] = _png(fig)
+    metric_keys = sorted({k.split("/")[-1] for r in evals for k in r if k.startswith("eval/") and k.count("/") == 2})
+    for metric in metric_keys:
+        langs = sorted({k.split("/")[1] for r in evals for k in r if k.startswith("eval/") and k.endswith(f"/{metric}")
+                        and k.count("/") == 2 and not k.startswith("eval/plugins/")})
+        fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+        for lang, color in zip(langs, _colors(len(langs))):
+            pts = [(r["step"], r[f"eval/{lang}/{metric}"]) for r in evals if f"eval/{lang}/{metric}" in r]
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, color=color, label=lang)
+        avg = [(r["step"], r[f"eval/{metric}"]) for r in evals if f"eval/{metric}" in r]
+        ax.plot([s for s, _ in avg], [v for _, v in avg], color="black", linestyle="--", label="average")
+        ax.set_xlabel("step")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+        ax.set_title(f"{root.name}: {METRIC_LABELS.get(metric, metric)} per language")
+        ax.legend(fontsize=7, ncol=2)
+        images[f"eval_{metric}.png"] = _png(fig)
+    final = json.loads((root / "metrics.json").read_text(encoding="utf-8")) if (root / "metrics.json").is_file() else {}
+    title = f"Run report: {root.name}"
+    summary = (f"task `{config.get('task')}`, mode `{config.get('mode')}`; {max((r['step'] for r in rows), default=0)} steps "
+               f"logged, {len(evals)} evaluations")
+    table = metrics_table(final) if final.get("per_language") else []
+    warnings = [] if evals else ["no evaluation rows (data.eval empty): no per-language curves"]
+    out = Path(out_dir) if out_dir is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", "", summary, ""] + (["## Final evaluation", "", *table, ""] if table else [])
+    md += [f"- {w}" for w in warnings] + ([""] if warnings else [])
+    md += [f"![{name}]({name})\n" for name in images]
+    e = html.escape
+    page = [f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title>',
+            f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{e(summary.replace('`', ''))}</p>"]
+    if table:
+        head, _, *body = table
+        cells = lambda line: [c.strip().replace("**", "") for c in line.strip("|").split("|")]  # noqa: E731
+        page.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cells(head)) + "</tr></thead><tbody>"
+                    + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells(row)) + "</tr>" for row in body)
+                    + "</tbody></table>")
+    page += [f"<p>{e(w)}</p>" for w in warnings]
+    for name, data in images.items():
+        page.append(f'<img alt="{e(name)}" src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">')
+    files = [_write(out / name, data) for name, data in images.items()]
+    files += [_write(out / "report.md", "\n".join(md).rstrip() + "\n"), _write(out / "report.html", "\n".join(page) + "\n</body></html>\n")]
+    return Report(out, files, [], warnings, metric_keys[0] if metric_keys else "")

@@ -162,10 +162,10 @@ def test_a_hub_id_without_network_fails_at_once_with_the_fix(monkeypatch, tmp_pa
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setitem(PM._HUB_REACHABLE, constants.ENDPOINT, False)  # as the 2-second check finds it offline
-    assert PM.hub_options("org/some-model", "teachers[0]") == {"local_files_only": True}
+    assert PM.hub_options("org/some-model") == {"local_files_only": True}
     with pytest.raises(polydistill.ConfigError, match=r"teachers\[0\]: 'org/some-model' is not a local folder, the hub .* cannot "
                        r"be reached, and it is not in the local Hugging Face cache .*HF_HUB_OFFLINE=1"):
         PM.load_model("org/some-model", "sequence_classification", role="teachers[0]")
     with pytest.raises(polydistill.ConfigError, match=r"student.model: 'org/some-model' is not a local folder"):
         PM.load_tokenizer("org/some-model", "student.model")
-    assert PM.hub_options(str(tmp_path), "x") == {}  # a local folder never asks the network
+    assert PM.hub_options(str(tmp_path)) == {}  # a local folder never asks the network

@@ -90,8 +90,8 @@ class Trainer:
         self.plugin_modules = nn.ModuleDict({k.replace(".", "__"): m for k, m in state.modules.items()}).to(acc.device)
         state.optimizer = build.optimizer(tc, student, self.plugin_modules, own)
         state.student, state.optimizer = acc.prepare(student, state.optimizer)
-        # fingerprinted whole, before any sharding: every process (and a built store) keys entries alike
-        fingerprints = [fingerprint(t) for t in teachers] if config.cache.enabled else None
+        # a sharded teacher is fingerprinted whole, first: every process (and a built store) keys entries alike
+        fingerprints = [fingerprint(t) for t in teachers] if config.cache.enabled and tc.shard_teachers else None
         state.teachers = build.place_teachers(acc, teachers, tc)
         state.scheduler = build.scheduler(tc, state.optimizer, state.total_steps)
         state.teacher_runner = self.runner = TeacherRunner.for_state(state, fingerprints)

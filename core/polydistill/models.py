@@ -37,7 +37,7 @@ def load_model(
 
     if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ConfigError(f"{role}: no such model directory: {name_or_path}")  # a path, never a hub id
-    kwargs.update(hub_options(name_or_path, role))
+    kwargs.update(hub_options(name_or_path))
     _check_head(name_or_path, task, labels, revision, role, require_head)
     try:
         model, info = task.model_class().from_pretrained(name_or_path, output_loading_info=True, **kwargs)
@@ -70,7 +70,7 @@ def load_model(
 _HUB_REACHABLE: dict[str, bool] = {}
 
 
-def hub_options(name_or_path: str, role: str) -> dict[str, Any]:
+def hub_options(name_or_path: str) -> dict[str, Any]:
     """``from_pretrained`` options for a hub id: ``local_files_only`` when the hub cannot be reached (checked once per
     process, 2 s at most), so an offline run reads the local HF cache at once instead of retrying for a minute."""
     import os
@@ -110,7 +110,7 @@ def _check_head(name_or_path: str, task: Task, labels: list[str] | None, revisio
     from polydistill.tasks import task_names
 
     try:
-        own = AutoConfig.from_pretrained(name_or_path, **({"revision": revision} if revision else {}), **hub_options(name_or_path, role))
+        own = AutoConfig.from_pretrained(name_or_path, **({"revision": revision} if revision else {}), **hub_options(name_or_path))
     except (OSError, ValueError):
         return  # loading the model says what is wrong
     archs = list(getattr(own, "architectures", None) or [])
@@ -140,7 +140,7 @@ def load_tokenizer(name_or_path: str, role: str = "tokenizer", revision: str | N
     """A fast tokenizer by hub id or path; with ``task``, as the task needs it (``Task.prepare_tokenizer``)."""
     from transformers import AutoTokenizer
 
-    offline = hub_options(name_or_path, role)
+    offline = hub_options(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, **({"revision": revision} if revision else {}), **offline)
     except (OSError, ValueError) as exc:
@@ -248,7 +248,7 @@ def student_from_config(base: str, overrides: dict[str, Any], task: str | Task, 
     """A randomly initialised model: ``base``'s config with ``overrides``."""
     from transformers import AutoConfig
 
-    offline = hub_options(base, "student.config.base")
+    offline = hub_options(base)
     try:
         config = AutoConfig.from_pretrained(base, **offline)
     except (OSError, ValueError) as exc:

@@ -40,7 +40,7 @@ from polydistill.study.schema import _show
 
 STORAGE_FILE = "optuna.db"
 #: Objectives that are not evaluation metrics: what a trial costs.
-COSTS = {"student_parameters": "minimize", "wall_time_s": "minimize"}
+COSTS = {"student_parameters", "wall_time_s"}
 #: Evaluation metrics a search minimizes unless told otherwise.
 LOWER_IS_BETTER = {"perplexity", "loss", "ter", "wer", "cer"}
 
@@ -442,13 +442,11 @@ def _pruner(plan: SearchPlan) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def open_study(plan: SearchPlan, create: bool = True) -> Any:
+def open_study(plan: SearchPlan) -> Any:
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{plan.dir / STORAGE_FILE}"
     directions = [o.resolved_direction() for o in plan.objectives]
-    if not create:
-        return optuna.load_study(study_name=plan.name, storage=storage, sampler=_sampler(plan), pruner=_pruner(plan))
     study = optuna.create_study(study_name=plan.name, storage=storage, load_if_exists=True, directions=directions,
                                 sampler=_sampler(plan), pruner=_pruner(plan))
     if [d.name.lower() for d in study.directions] != directions:

@@ -375,16 +375,26 @@ def test_unknown_label_is_a_data_error_naming_it(tok):
         tcol({"text": [["the", "soup"]], "label": [["O", "B-PER"]], "lang": ["en"]})
 
 
-def test_one_column_can_be_both_text_and_source(tmp_path):
+@pytest.mark.parametrize("shape", ["jsonl", "tsv", "aligned", "streamed"])
+def test_one_column_can_be_both_text_and_source(tmp_path, shape):
+    """The English rows of a parallel file feed both sides (the student reproduces the teacher on English)."""
     from polydistill import load_config
     from polydistill.data import load_sources
 
-    path = tmp_path / "same.jsonl"
-    path.write_text('{"s": "hello world", "lang": "en"}\n{"s": "good day", "lang": "en"}\n')
-    cfg = load_config({"task": "embedding", "mode": "parallel", "student": {"model": "m"},
-                       "data": {"train": {"path": str(path), "columns": {"text": "s", "source": "s", "lang": "lang"}}}})
-    ds = load_sources(cfg.data.train, cfg)
-    assert ds["text"] == ds["source"] == ["hello world", "good day"]
+    (tmp_path / "pairs.tsv").write_text("en\tde\nhello world\thallo welt\ngood day\tguten tag\n")
+    (tmp_path / "train.en").write_text("hello world\ngood day\n")
+    (tmp_path / "same.jsonl").write_text('{"en": "hello world"}\n{"en": "good day"}\n')
+    english = {"jsonl": {"path": str(tmp_path / "same.jsonl")}, "tsv": {"path": str(tmp_path / "pairs.tsv")},
+               "aligned": {"aligned": {"en": str(tmp_path / "train.en")}},
+               "streamed": {"path": str(tmp_path / "pairs.tsv"), "streaming": True}}[shape]
+    german = {"path": str(tmp_path / "pairs.tsv"), "columns": {"text": "de", "source": "en"}, "lang": "de",
+              "streaming": shape == "streamed"}
+    cfg = load_config({"task": "embedding", "mode": "parallel", "student": {"model": "m"}, "training": {"max_steps": 2},
+                       "data": {"train": [german, {**english, "columns": {"text": "en", "source": "en"}, "lang": "en"}]}})
+    rows = list(load_sources(cfg.data.train, cfg))
+    assert [(r["text"], r["source"], r["lang"]) for r in rows] == [
+        ("hallo welt", "hello world", "de"), ("guten tag", "good day", "de"),
+        ("hello world", "hello world", "en"), ("good day", "good day", "en")]
 
 
 def test_a_streamed_corpus_is_held_at_most_one_buffer_at_a_time(tmp_path, tok):

@@ -43,44 +43,54 @@ def train(
     ``plugins.json``, ``metrics.json`` and ``metrics.jsonl``.
     """
     from polydistill.loop import Trainer
+    from polydistill.multitask import MultiTaskConfig
 
     cfg = load_config(config, overrides)
+    if isinstance(cfg, MultiTaskConfig):
+        from polydistill.multitask.trainer import MultiTaskTrainer as Trainer
     trainer = Trainer(cfg, plugins=plugins, output_dir=str(output_dir) if output_dir else None)
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
-    return RunResult(trainer.output_dir, trainer.output_dir / "student", metrics, trainer.state.history, trainer.host.versions())
+    return RunResult(trainer.output_dir, trainer.output_dir / "student", metrics, trainer.state.history, trainer.plugin_versions())
 
 
 def save_student(trainer: Any) -> Path:
     """Save the student's weights and tokenizer, and ``plugins.json``, with a model card without results."""
-    import shutil
-
     state, acc = trainer.state, trainer.accelerator
     student_dir = trainer.output_dir / "student"
     acc.wait_for_everyone()
     # Every process takes part: under FSDP or DeepSpeed ZeRO-3 the full weights are gathered from the shards.
     weights = acc.get_state_dict(state.student)
     if acc.is_main_process:
-        # Built aside and renamed into place: an interrupted save leaves the old student or the new one.
-        tmp, old = student_dir.with_name(".tmp-student"), student_dir.with_name(".old-student")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        def fill(tmp: Path) -> None:
             acc.unwrap_model(state.student).save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             state.student_tokenizer.save_pretrained(tmp)
             trainer.usage = state.task_def.save_files(tmp, state)
             write_atomic(tmp / "README.md", model_card(trainer.config, {}, trainer.host.versions(), state.step, trainer.vocabulary,
                                                        trainer.usage))
-            shutil.rmtree(old, ignore_errors=True)
-            if student_dir.exists():
-                os.replace(student_dir, old)
-            os.replace(tmp, student_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not student_dir.exists():
-                os.replace(old, student_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        dump_json(trainer.output_dir / "plugins.json", trainer.host.versions())
+
+        replace_dir(student_dir, fill)
+        dump_json(trainer.output_dir / "plugins.json", trainer.plugin_versions())
     return student_dir
+
+
+def replace_dir(target: Path, fill: Any) -> None:
+    """Build a folder with ``fill(tmp)`` aside, then rename it into ``target``: an interrupted save leaves the old one or the new."""
+    import shutil
+
+    tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fill(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_results(trainer: Any, metrics: dict[str, Any]) -> None:

@@ -17,11 +17,12 @@ from polydistill.errors import ConfigError, PluginError
 from polydistill.tasks import get_task
 
 
-def models(config: Config) -> tuple[list[nn.Module], list[Any], nn.Module, Any, list[str] | None]:
+def models(config: Config, encoder: tuple[nn.Module, Any] | None = None) -> tuple[list[nn.Module], list[Any], nn.Module, Any, list[str] | None]:
     """Teachers (frozen, eval) and their tokenizers, the student and its tokenizer, and the run's labels.
 
     Teachers load first (a student may be cut from one); the labels are the
     config's, else the first teacher's, else the student's named ones.
+    ``encoder``: a multi-task run's shared student and tokenizer; the student is then the task's head on its encoder.
     """
     task = get_task(config.task)
     teachers, teacher_toks = [], []
@@ -30,7 +31,12 @@ def models(config: Config) -> tuple[list[nn.Module], list[Any], nn.Module, Any, 
         teachers.append(M.load_model(t.model, task, None, t.revision, role, require_head=True).eval())
         teacher_toks.append(M.load_tokenizer(t.tokenizer or t.model, role, None if t.tokenizer else t.revision, task))
     labels = config.labels or (M.model_labels(teachers[0]) if teachers and task.named_labels else None)
-    student, student_tok = _student(config, teachers, teacher_toks, labels)
+    if encoder is not None:
+        if task.named_labels and not labels:
+            raise ConfigError("labels: give the label names (no teacher names them, and the shared student's head is another task's)")
+        student, student_tok = M.head_on(encoder[0], task, labels).train(), task.prepare_tokenizer(encoder[1], "student")
+    else:
+        student, student_tok = _student(config, teachers, teacher_toks, labels)
     if task.named_labels and not labels:
         labels = M.model_labels(student, named_only=True)
         if not labels:

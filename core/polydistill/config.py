@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from polydistill.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from polydistill.multitask import MultiTaskConfig
 
 #: Fields that change where a run writes and what it shows, never what it computes: a
 #: study's fingerprint leaves them out (changing the list changes every fingerprint).
@@ -316,7 +319,7 @@ class Config(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> Config:
+    def _consistent(self, info: ValidationInfo) -> Config:
         if not self.data.train and not self.training.max_steps:
             raise ValueError(
                 "data.train is empty: give a training source, or training.max_steps for a run whose batches "
@@ -339,7 +342,9 @@ class Config(StrictModel):
                 raise ValueError("student.vocabulary is built from data.train, which is empty")
             if any(s.streaming for s in self.data.train) and vocab.sample is None:
                 raise ValueError("student.vocabulary.sample: required with streamed training data (rows read per language)")
-        if self.student.from_teacher is not None:
+        # one task of a multi-task run: the shared student may be cut from another task's teacher
+        shared = bool(info.context and info.context.get("shared_student"))
+        if self.student.from_teacher is not None and not shared:
             ref = self.student.from_teacher.teacher
             names = self.teacher_names()
             if isinstance(ref, int) and not 0 <= ref < len(names):
@@ -541,12 +546,20 @@ def load_config(
     overrides: list[str] | None = None,
     base_dir: str | Path | None = None,
     origin: str | None = None,
-) -> Config:
+) -> Config | MultiTaskConfig:
     """Load and validate a config from a YAML/JSON file, a dict or a Config.
 
     Relative paths resolve against the config file's folder, or ``base_dir`` for a
     dict (default: the working directory). ``origin`` names the source in errors.
+    A config with ``tasks`` is a :class:`~polydistill.multitask.MultiTaskConfig`.
     """
+    from polydistill.multitask import MultiTaskConfig
+
+    if isinstance(source, MultiTaskConfig):
+        if not overrides:
+            return source
+        base_dir = base_dir if base_dir is not None else source.base_dir
+        source = source.raw
     if isinstance(source, Config):
         if not overrides:
             return source
@@ -567,6 +580,10 @@ def load_config(
         origin = origin or str(source)
     apply_overrides(data, list(overrides or []))
     data.pop("$schema", None)
+    if "tasks" in data:  # several tasks share one student
+        from polydistill.multitask import compose
+
+        return compose(data, base_dir, origin)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

@@ -45,19 +45,8 @@ class Trainer:
         self.config = config = load_config(config)
         preflight.check(config, plugins, output_dir=output_dir)  # every input problem at once, before any model loads
         tc = config.training
-        if tc.num_threads:
-            torch.set_num_threads(tc.num_threads)
-        set_seed(tc.seed)
         self.output_dir = Path(output_dir or config.output_dir)
-        build.fresh_accelerate_state()
-        # Gradient accumulation is done by the loop, so that an epoch's last, smaller
-        # group still ends in an optimizer step and resumes stay step-aligned.
-        self.accelerator = Accelerator(
-            mixed_precision=tc.mixed_precision,
-            log_with=config.trackers or None,
-            project_dir=str(self.output_dir),
-            **build.engine_plugins(tc, config.resolve_path),
-        )
+        self.accelerator = self._start(config, self.output_dir)
         self.host = PluginHost.from_config(config.plugins, plugins)
 
         teachers, teacher_toks, student, student_tok, labels = build.models(config)
@@ -103,6 +92,23 @@ class Trainer:
                 if model.config._attn_implementation != "eager":
                     model.set_attn_implementation("eager")
 
+    @staticmethod
+    def _start(config: Any, output_dir: Path) -> Accelerator:
+        """Threads and seed as the config says, and the run's accelerator."""
+        tc = config.training
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        set_seed(tc.seed)
+        build.fresh_accelerate_state()
+        # Gradient accumulation is done by the loop, so that an epoch's last, smaller
+        # group still ends in an optimizer step and resumes stay step-aligned.
+        return Accelerator(
+            mixed_precision=tc.mixed_precision,
+            log_with=config.trackers or None,
+            project_dir=str(output_dir),
+            **build.engine_plugins(tc, config.resolve_path),
+        )
+
     # ------------------------------------------------------------------ one step
 
     def step(self, batch: Batch, group_size: int = 1, sync: bool = True) -> dict[str, float]:
@@ -122,7 +128,7 @@ class Trainer:
             raise PluginError("no plugin returned a loss term: enable 'kd' (the standard terms) or another loss plugin, "
                               "and give at least one of its terms a weight above 0 (a term of weight 0 is not computed)")
         regs = host.run("regularize", taken=terms, student=state.unwrapped_student(), state=state)
-        loss = sum(terms.values()) + sum(regs.values())
+        loss = self._total_loss(terms, regs)
         self._check_finite(loss, terms, regs)
         with contextlib.nullcontext() if sync else acc.no_sync(state.student):
             acc.backward(loss / group_size)
@@ -132,6 +138,10 @@ class Trainer:
         logs.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
         logs["loss"] = float(loss.detach())
         return logs
+
+    def _total_loss(self, terms: dict[str, torch.Tensor], regs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss one micro-step backpropagates: its loss terms plus its regularization terms."""
+        return sum(terms.values()) + sum(regs.values())
 
     def _check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], regs: dict[str, torch.Tensor]) -> None:
         """Raise :class:`NonFiniteLoss` naming each non-finite term and its plugin; every process agrees."""
@@ -186,8 +196,6 @@ class Trainer:
         loses no training. ``overwrite`` deletes a previous run in the output
         directory (without it, and without ``resume``, such a run is an error).
         """
-        from polydistill import api
-
         state, acc, tc = self.state, self.accelerator, self.config.training
         if resume is not None:
             source = Path(resume)
@@ -200,7 +208,7 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.dump_json(self.output_dir / "config.json", self.config.resolved_dict())
-            ckpt.dump_json(self.output_dir / "plugins.json", self.host.versions())
+            ckpt.dump_json(self.output_dir / "plugins.json", self.plugin_versions())
             if resume is not None:  # rows logged after the checkpoint are logged again as the steps rerun
                 ckpt.write_atomic(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
             if self.vocabulary is not None:
@@ -215,31 +223,26 @@ class Trainer:
         stop = _StopFlag()
         self._pending: list[dict[str, float]] = []
         self._metrics: dict[str, Any] = {}
-        epochs = tc.epochs if not tc.max_steps else sys.maxsize
         self._bar = _progress(tc.progress and acc.is_local_main_process, state.total_steps, state.step)
         self._start = time.perf_counter()
         try:
             with stop:
-                while state.step < state.total_steps and state.epoch < epochs:
-                    self._run_epoch(stop)
-                    if stop.requested:
-                        if self._checkpointed_at != state.step:
-                            self.save_checkpoint()
-                        raise Interrupted(ckpt.latest(self.output_dir / "checkpoints"))
+                self._train(stop)
         finally:
             self._bar.close()
+        state = self.state
         # Training is done: keep it before anything that may still fail.
         if self._checkpointed_at != state.step:
             self.save_checkpoint()
-        student_dir = api.save_student(self)
-        if (line := self.runner.summary()) is not None:
+        student_dir = self.save_student()
+        for line in self._cache_summaries():
             acc.print(line)
         try:
             metrics = self._metrics
             if self._evaluated_at != state.step:
                 metrics = self.evaluate()
-            self.host.run("on_train_end", state=state, metrics=metrics)
-            api.save_results(self, metrics)
+            self._train_end(metrics)
+            self.save_results(metrics)
             if self.config.trackers:
                 acc.end_training()
         except Exception as exc:
@@ -247,6 +250,41 @@ class Trainer:
                          f"{self.output_dir / 'checkpoints'}; only what comes after training failed")
             raise
         return metrics
+
+    def _train(self, stop: _StopFlag) -> None:
+        """Epochs until the last step; on a stop request, checkpoint and raise :class:`Interrupted`."""
+        state, tc = self.state, self.config.training
+        epochs = tc.epochs if not tc.max_steps else sys.maxsize
+        while state.step < state.total_steps and state.epoch < epochs:
+            self._run_epoch(stop)
+            if stop.requested:
+                self._interrupted()
+
+    def _interrupted(self) -> None:
+        if self._checkpointed_at != self.state.step:
+            self.save_checkpoint()
+        raise Interrupted(ckpt.latest(self.output_dir / "checkpoints"))
+
+    def save_student(self) -> Path:
+        from polydistill import api
+
+        return api.save_student(self)
+
+    def save_results(self, metrics: dict[str, Any]) -> None:
+        from polydistill import api
+
+        api.save_results(self, metrics)
+
+    def _cache_summaries(self) -> list[str]:
+        line = self.runner.summary()
+        return [] if line is None else [line]
+
+    def _train_end(self, metrics: dict[str, Any]) -> None:
+        self.host.run("on_train_end", state=self.state, metrics=metrics)
+
+    def plugin_versions(self) -> dict[str, str | None]:
+        """The enabled plugins and their package versions (plugins.json)."""
+        return self.host.versions()
 
     #: What a run leaves in its output directory; `overwrite` deletes these.
     RUN_FILES = ("checkpoints", "student", "vocabulary", "config.json", "plugins.json", "metrics.json", "metrics.jsonl",
@@ -369,35 +407,36 @@ class Trainer:
         self._evaluated_at = state.step
         if self.eval_data is None:
             return {}
-        dc = self.config.data
+        metrics = self._evaluate_task()
+        self._record({"step": state.step, "epoch": state.epoch, **eval_fields(metrics)})
+        self.accelerator.print(f"eval step {state.step}: {eval_line(metrics, self.state.task_def.primary_metric)}")
+        return metrics
+
+    def _evaluate_task(self) -> dict[str, Any]:
+        """The student's metrics on the task's eval data, with what plugins add in ``on_evaluate``."""
+        state, config = self.state, self.state.config
+        dc = config.data
         compare = state.task_def.compares_with_teacher and state.teachers and state.same_tokens[0]
         metrics = evaluate_model(
-            state.unwrapped_student(), state.student_tokenizer, self.eval_data, self.config.task, state.labels,
-            dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, self.config.pooling, state.device,
-            self.config.generation.model_dump(), self.config.training.progress and self.accelerator.is_local_main_process,
+            state.unwrapped_student(), state.student_tokenizer, self.eval_data, config.task, state.labels,
+            dc.max_length, dc.eval_batch_size or 2 * dc.batch_size, config.pooling, state.device,
+            config.generation.model_dump(), config.training.progress and self.accelerator.is_local_main_process,
             reference=state.teachers[0] if compare else None, doc_stride=dc.doc_stride,
         )
         extra = self.host.run("on_evaluate", state=state, metrics=metrics)
         if extra:
             metrics["plugins"] = extra
-        flat = {f"eval/{k}": v for k, v in metrics["average"].items()}
-        flat.update({f"eval/{lang}/{k}": v for lang, m in metrics["per_language"].items() for k, v in m.items()})
-        flat.update({f"eval/plugins/{k}": v for k, v in extra.items()})
-        self._record({"step": state.step, "epoch": state.epoch, **flat})
-        first = get_task(self.config.task).primary_metric
-        per = metrics["per_language"]
-
-        def shown(k: str, v: float) -> str:  # the primary metric names each language
-            langs = ", ".join(f"{lang} {m[k]:.4f}" for lang, m in sorted(per.items()) if k in m) if k == first else ""
-            return f"{k} {v:.4f}" + (f" ({langs})" if langs else "")
-
-        self.accelerator.print(f"eval step {state.step}: {', '.join(shown(k, v) for k, v in metrics['average'].items())}")
         return metrics
 
     def save_checkpoint(self) -> Path:
+        self._checkpointed_at = self.state.step
+        return ckpt.save(self.accelerator, self.output_dir / "checkpoints", self.state.step, self._checkpoint_extra(),
+                         self.config.training.keep_checkpoints)
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the accelerator's state (models, optimizer, RNG)."""
         state = self.state
-        self._checkpointed_at = state.step
-        extra = {
+        return {
             "step": state.step,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
@@ -411,7 +450,6 @@ class Trainer:
             # datasets' fingerprint of the loaded training data (its files' content and dates; None when streamed)
             "data_fingerprint": getattr(self.train_data, "_fingerprint", None),
         }
-        return ckpt.save(self.accelerator, self.output_dir / "checkpoints", state.step, extra, self.config.training.keep_checkpoints)
 
     def resume(self, path: str | Path) -> None:
         """Restore models, optimizer, scheduler, RNG, progress and plugin states.
@@ -459,22 +497,29 @@ class Trainer:
             )
 
     def _load_checkpoint(self, found: Path) -> None:
-        state = self.state
         extra = ckpt.load_extra(found)
         self._check_resumed_config(found, extra.get("config"))
-        then, now = extra.get("data_fingerprint"), getattr(self.train_data, "_fingerprint", None)
-        if then is not None and now is not None and then != now:
-            warn(f"--resume: the training data changed since checkpoint {found} was written (its files were modified); "
-                 "the run continues on the data as it is now, which is not an exact continuation")
         self.accelerator.load_state(str(found))
+        self._restore(extra, found)
+        self._checkpointed_at = self.state.step
+        self.accelerator.print(f"resumed from {found} at step {self.state.step}")
+
+    def _check_data(self, then: str | None, found: Path, where: str = "the training data") -> None:
+        now = getattr(self.train_data, "_fingerprint", None)
+        if then is not None and now is not None and then != now:
+            warn(f"--resume: {where} changed since checkpoint {found} was written (its files were modified); "
+                 "the run continues on the data as it is now, which is not an exact continuation")
+
+    def _restore(self, extra: dict[str, Any], found: Path) -> None:
+        """Progress, schedule, plugin modules and states from a checkpoint's ``extra``."""
+        state = self.state
+        self._check_data(extra.get("data_fingerprint"), found)
         state.step, state.epoch, state.batch_in_epoch = extra["step"], extra["epoch"], extra["batch_in_epoch"]
         state.skipped_batches = extra.get("skipped_batches", 0)
         state.scheduler.load_state_dict(extra["scheduler"])
         self.plugin_modules.load_state_dict(extra["plugin_modules"])
         state.history = list(extra.get("history", []))
-        self._checkpointed_at = state.step
         self.host.run("load_state_dict", state=state, saved=extra.get("plugins", {}))
-        self.accelerator.print(f"resumed from {found} at step {state.step}")
 
     def _log(self, logs: dict[str, float]) -> None:
         """Advance the bar; every ``log_every`` steps record the mean of each value since the last record."""
@@ -506,6 +551,25 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         if self.config.trackers:
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.state.step)
+
+
+def eval_fields(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An evaluation as the flat ``eval/...`` fields of a metrics.jsonl row (``prefix``: a task's ``name/``)."""
+    flat = {f"eval/{prefix}{k}": v for k, v in metrics["average"].items()}
+    flat.update({f"eval/{lang}/{prefix}{k}": v for lang, m in metrics["per_language"].items() for k, v in m.items()})
+    flat.update({f"eval/plugins/{prefix}{k}": v for k, v in metrics.get("plugins", {}).items()})
+    return flat
+
+
+def eval_line(metrics: dict[str, Any], first: str) -> str:
+    """The averages, the primary metric ``first`` with each language's value."""
+    per = metrics["per_language"]
+
+    def shown(k: str, v: float) -> str:
+        langs = ", ".join(f"{lang} {m[k]:.4f}" for lang, m in sorted(per.items()) if k in m) if k == first else ""
+        return f"{k} {v:.4f}" + (f" ({langs})" if langs else "")
+
+    return ", ".join(shown(k, v) for k, v in metrics["average"].items())
 
 
 #: Fields a resumed run may raise, to train a run on past its end (the LR schedule is then

@@ -267,6 +267,34 @@ def student_from_config(base: str, overrides: dict[str, Any], task: str | Task, 
     return task.model_class().from_config(config)
 
 
+def head_on(encoder: nn.Module, task: str | Task, labels: list[str] | None) -> nn.Module:
+    """A model with ``task``'s head whose encoder modules are ``encoder``'s own (one encoder, trained by every task).
+
+    The head is new (random); a part of the encoder that ``encoder`` lacks (e.g. the pooler of a
+    token-classification model) is the new model's own.
+    """
+    task = get_task(task)
+    shared = encoder.base_model
+    config = copy.deepcopy(shared.config)
+    config.architectures = None
+    for key, value in task.label_config(labels).items():
+        setattr(config, key, value)
+    model = task.model_class().from_config(config)
+    base = model.base_model
+    if base is model:  # a task without a head (embedding) is the encoder itself
+        if type(shared) is not type(model):
+            raise ConfigError(f"{task.name}: the shared student's encoder is a {type(shared).__name__}, but {task.name} "
+                              f"loads a {type(model).__name__}")
+        return shared
+    tied = [name for name, child in base.named_children() if isinstance(getattr(shared, name, None), nn.Module)]
+    if not tied:
+        raise ConfigError(f"{task.name}: a {type(model).__name__} shares no module with the student's "
+                          f"{type(shared).__name__}; the tasks of a multi-task run need one architecture")
+    for name in tied:
+        setattr(base, name, getattr(shared, name))
+    return model
+
+
 def hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
 

@@ -44,11 +44,10 @@ def train(
     """
     from polydistill.loop import Trainer
     from polydistill.multitask import MultiTaskConfig
+    from polydistill.multitask.trainer import MultiTaskTrainer
 
     cfg = load_config(config, overrides)
-    if isinstance(cfg, MultiTaskConfig):
-        from polydistill.multitask.trainer import MultiTaskTrainer as Trainer
-    trainer = Trainer(cfg, plugins=plugins, output_dir=str(output_dir) if output_dir else None)
+    trainer = (MultiTaskTrainer if isinstance(cfg, MultiTaskConfig) else Trainer)(cfg, plugins=plugins, output_dir=str(output_dir) if output_dir else None)
     metrics = trainer.fit(resume=resume, overwrite=overwrite)
     return RunResult(trainer.output_dir, trainer.output_dir / "student", metrics, trainer.state.history, trainer.plugin_versions())
 
@@ -169,9 +168,7 @@ def evaluate(
 
     ``which``: ``student``, ``teachers`` or ``all``. Returns ``{model name: metrics}``.
     """
-    from polydistill import models as M
-    from polydistill.data import load_sources
-    from polydistill.evaluation import evaluate_model
+    from polydistill.multitask import MultiTaskConfig
 
     run_dir: Path | None = None
     if isinstance(source, (str, Path)) and Path(source).is_dir():
@@ -181,14 +178,35 @@ def evaluate(
         cfg = load_config(json.loads((run_dir / "config.json").read_text()), overrides)
     else:
         cfg = load_config(source, overrides)
+    student_dir = run_dir / "student" if run_dir is not None else None
+    if isinstance(cfg, MultiTaskConfig):  # each task's head on its eval data; names as in the run's metrics
+        from polydistill.multitask.trainer import combine
+
+        per_task: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, task_cfg in cfg.tasks.items():
+            if task_cfg.data.eval:
+                head = student_dir / name if student_dir is not None else None
+                for model, m in _evaluate(task_cfg, head, which).items():
+                    per_task.setdefault(model if model == "student" else f"{model} ({name})", {})[name] = m
+        if not per_task:
+            raise ConfigError("data.eval: no task has evaluation data")
+        return {model: combine(m) for model, m in per_task.items()}
+    return _evaluate(cfg, student_dir, which)
+
+
+def _evaluate(cfg: Config, student_dir: Path | None, which: str) -> dict[str, dict[str, Any]]:
+    from polydistill import models as M
+    from polydistill.data import load_sources
+    from polydistill.evaluation import evaluate_model
+
     if not cfg.data.eval:
         raise ConfigError("data.eval: no evaluation data configured")
     data = load_sources(cfg.data.eval, cfg)
     dc = cfg.data
     targets: list[tuple[str, str, str | None]] = []
     if which in ("student", "all"):
-        if run_dir is not None and (run_dir / "student").is_dir():
-            targets.append(("student", str(run_dir / "student"), None))
+        if student_dir is not None and student_dir.is_dir():
+            targets.append(("student", str(student_dir), None))
         elif cfg.student.model:
             targets.append(("student", cfg.student.model, cfg.student.tokenizer))
         elif which == "student":

@@ -151,7 +151,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
         from polydistill.api import metrics_table
 
-        if result.metrics.get("per_language"):
+        per_task = result.metrics.get("tasks")
+        if per_task:  # a multi-task run: a table per task
+            for name, m in per_task.items():
+                print(f"{name}:\n" + "\n".join(metrics_table(m)))
+            print(f"results: {out / 'results.md'} and results-<task>.png")
+        elif result.metrics.get("per_language"):
             print("\n".join(metrics_table(result.metrics)))
             print(f"results: {out / 'results.md'} and results.png")
         print(f"student saved to {result.student_dir}")
@@ -182,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from polydistill.api import evaluate, format_table
     from polydistill.config import load_config
     from polydistill.evaluation import primary_metric
+    from polydistill.multitask import MultiTaskConfig
 
     results = evaluate(args.target, args.overrides, which=args.which)
     if args.json:
@@ -189,9 +195,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     target = Path(args.target)
     cfg_src: Any = json.loads((target / "config.json").read_text()) if target.is_dir() else target
-    task = load_config(cfg_src, args.overrides).task
+    cfg = load_config(cfg_src, args.overrides)
     metrics = sorted({k for r in results.values() for k in r["average"]})
-    first = primary_metric(task)
+    first = cfg.primary_metric if isinstance(cfg, MultiTaskConfig) else primary_metric(cfg.task)
     for metric in [first] + [m for m in metrics if m != first]:
         print(f"\n{metric}\n" + format_table(results, metric))
     return 0
@@ -268,12 +274,22 @@ def _hooks_of(obj: Any) -> list[str]:
 def cmd_config(args: argparse.Namespace) -> int:
     from polydistill import preflight
     from polydistill.config import load_config, schema
+    from polydistill.multitask import MultiTaskConfig
     from polydistill.plugins import enabled_plugins
 
     if args.action == "schema":
         print(json.dumps(schema(), indent=2))
         return 0
     cfg = load_config(args.config, args.overrides)
+    if isinstance(cfg, MultiTaskConfig):
+        shown = []
+        for name, task_cfg in cfg.tasks.items():
+            preflight.check(task_cfg, origin=f"{args.config}: tasks.{name}")
+            names = [n for n, _ in enabled_plugins(task_cfg.plugins)]
+            shown.append(f"{name}: {task_cfg.task}, mode {task_cfg.mode}, plugins {', '.join(names) or 'none'}")
+        print(f"{args.config}: valid multi-task config ({'; '.join(shown)}; sampling {cfg.options.sampling}, "
+              f"weighting {cfg.options.weighting})")
+        return 0
     preflight.check(cfg, origin=args.config)
     names = [name for name, _ in enabled_plugins(cfg.plugins)]
     print(f"{args.config}: valid ({cfg.task}, mode {cfg.mode}; plugins: {', '.join(names) or 'none'})")

@@ -615,51 +615,67 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    terms = sorted({k for r in train for k in r if k == "loss" or k.startswith(("loss/", "reg/"))})
+    # a multi-task run prefixes its terms and metrics with the task: a loss plot per task, metrics "<task>/<metric>"
+    tasks = {n: t.get("task") for n, t in (config.get("tasks") or {}).items() if t.get("enabled", True)}
     images: dict[str, bytes] = {}
     plt = _pyplot()
-    if train:
+    for prefix in [f"{n}/" for n in tasks] or [""]:
+        terms = sorted({k for r in train for k in r if k == f"{prefix}loss" or k.startswith((f"{prefix}loss/", f"{prefix}reg/"))})
+        terms = terms or (["loss"] if prefix else [])
+        if not train or not terms:
+            continue
         fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
         for k in terms:
             pts = [(r["step"], r[k]) for r in train if k in r]
-            ax.plot([s for s, _ in pts], [v for _, v in pts], label=k, linewidth=2 if k == "loss" else 1)
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=k, linewidth=2 if k.endswith("loss") else 1)
         ax.set_xlabel("step")
         ax.set_ylabel("value (mean since the previous record)")
-        ax.set_title(f"{root.name}: loss terms")
+        ax.set_title(f"{root.name}: {prefix[:-1] + ' ' if prefix else ''}loss terms")
         ax.legend(fontsize=7)
-        images["losses.png"] = _png(fig)
-    metric_keys = sorted({k.split("/")[-1] for r in evals for k in r if k.startswith("eval/") and k.count("/") == 2})
+        images[f"losses_{prefix[:-1]}.png" if prefix else "losses.png"] = _png(fig)
+    depth = 2 if tasks else 1  # slashes in an average's key: eval/<metric> or eval/<task>/<metric>
+    metric_keys = sorted({k[5:] for r in evals for k in r if k.startswith("eval/") and not k.startswith("eval/plugins/")
+                          and k.count("/") == depth and (not tasks or k.split("/")[1] in tasks)})
     for metric in metric_keys:
         langs = sorted({k.split("/")[1] for r in evals for k in r if k.startswith("eval/") and k.endswith(f"/{metric}")
-                        and k.count("/") == 2 and not k.startswith("eval/plugins/")})
+                        and k.count("/") == depth + 1 and not k.startswith("eval/plugins/")})
         fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
         for lang, color in zip(langs, _colors(len(langs))):
             pts = [(r["step"], r[f"eval/{lang}/{metric}"]) for r in evals if f"eval/{lang}/{metric}" in r]
             ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, color=color, label=lang)
         avg = [(r["step"], r[f"eval/{metric}"]) for r in evals if f"eval/{metric}" in r]
         ax.plot([s for s, _ in avg], [v for _, v in avg], color="black", linestyle="--", label="average")
+        task, _, name = metric.rpartition("/")
+        label = (f"{task}: " if task else "") + METRIC_LABELS.get(name, name)
         ax.set_xlabel("step")
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.set_title(f"{root.name}: {METRIC_LABELS.get(metric, metric)} per language")
+        ax.set_ylabel(label)
+        ax.set_title(f"{root.name}: {label} per language")
         ax.legend(fontsize=7, ncol=2)
-        images[f"eval_{metric}.png"] = _png(fig)
+        images[f"eval_{metric.replace('/', '_')}.png"] = _png(fig)
     final = json.loads((root / "metrics.json").read_text(encoding="utf-8")) if (root / "metrics.json").is_file() else {}
     title = f"Run report: {root.name}"
-    summary = (f"task `{config.get('task')}`, mode `{config.get('mode')}`; {max((r['step'] for r in rows), default=0)} steps "
-               f"logged, {len(evals)} evaluations")
-    table = metrics_table(final) if final.get("per_language") else []
+    steps = max((r["step"] for r in rows), default=0)
+    if tasks:
+        summary = (f"multi-task: {', '.join(f'{n} (`{t}`)' for n, t in tasks.items())}; {steps} steps logged, "
+                   f"{len(evals)} evaluations")
+        tables = [(f"{n} ({tasks.get(n)})", metrics_table(m)) for n, m in final.get("tasks", {}).items() if m.get("per_language")]
+    else:
+        summary = f"task `{config.get('task')}`, mode `{config.get('mode')}`; {steps} steps logged, {len(evals)} evaluations"
+        tables = [("", metrics_table(final))] if final.get("per_language") else []
     warnings = [] if evals else ["no evaluation rows (data.eval empty): no per-language curves"]
     out = Path(out_dir) if out_dir is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# {title}", "", summary, ""] + (["## Final evaluation", "", *table, ""] if table else [])
+    md = [f"# {title}", "", summary, ""] + (["## Final evaluation", ""] if tables else [])
+    for heading, table in tables:
+        md += ([f"### {heading}", ""] if heading else []) + [*table, ""]
     md += [f"- {w}" for w in warnings] + ([""] if warnings else [])
     md += [f"![{name}]({name})\n" for name in images]
     e = html.escape
     page = [f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title>',
             f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{e(summary.replace('`', ''))}</p>"]
-    if table:
-        head, _, *body = table
-        cells = lambda line: [c.strip().replace("**", "") for c in line.strip("|").split("|")]  # noqa: E731
+    cells = lambda line: [c.strip().replace("**", "") for c in line.strip("|").split("|")]  # noqa: E731
+    for heading, (head, _, *body) in tables:
+        page += [f"<h2>{e(heading)}</h2>"] if heading else []
         page.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cells(head)) + "</tr></thead><tbody>"
                     + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells(row)) + "</tr>" for row in body)
                     + "</tbody></table>")

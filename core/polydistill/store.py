@@ -194,8 +194,10 @@ class BuildResult:
 
 
 def build(config: Any, out: str | Path | None = None, *, batches_per_shard: int | None = None, process_index: int | None = None,
-          num_processes: int | None = None, progress: bool = True, stop_after: int | None = None) -> BuildResult:
-    """Build (or complete) the teacher-output store of ``config``'s teachers over its training data.
+          num_processes: int | None = None, progress: bool = True, stop_after: int | None = None,
+          encoder: tuple[Any, Any] | None = None) -> BuildResult:
+    """Build (or complete) the teacher-output store of ``config``'s teachers over its training data
+    (a multi-task config: each task's, one after the other; the result adds theirs up).
 
     ``out``: the store's directory (default ``cache.dir``). Without ``process_index``/``num_processes``
     they come from the launch (``accelerate launch``, ``torchrun``), else 0 of 1. ``stop_after``:
@@ -208,12 +210,21 @@ def build(config: Any, out: str | Path | None = None, *, batches_per_shard: int 
     from polydistill import build as B
     from polydistill import preflight
     from polydistill.config import load_config
+    from polydistill.multitask import MultiTaskConfig
     from polydistill.plugins import PluginHost
     from polydistill.state import TrainState
     from polydistill.tasks import get_task
     from polydistill.teachers import TeacherRunner
 
     config = load_config(config)
+    if isinstance(config, MultiTaskConfig):  # each task's teachers into the one store (their entries' prefixes differ)
+        _, _, student, student_tok, _ = B.models(config.tasks[config.builder])  # batches are cut by its tokenizer
+        done = [build(c, out, batches_per_shard=batches_per_shard, process_index=process_index, num_processes=num_processes,
+                      progress=progress, stop_after=stop_after, encoder=None if name == config.builder else (student, student_tok))
+                for name, c in config.tasks.items() if c.teachers and c.data.train]
+        return BuildResult(done[0].directory if done else Path(out or config.cache.dir or ""), sum(d.shards for d in done),
+                           [i for d in done for i in d.built], [i for d in done for i in d.skipped],
+                           sum(d.rows for d in done), sum(d.seconds for d in done))
     cc, dc, task = config.cache, config.data, get_task(config.task)
     directory = Path(out or cc.dir or "").expanduser()
     if not (out or cc.dir):
@@ -238,7 +249,7 @@ def build(config: Any, out: str | Path | None = None, *, batches_per_shard: int 
     if not 0 <= p < n:
         raise ConfigError(f"process {p} of {n}: the process index must be below the number of processes")
 
-    teachers, teacher_toks, student, student_tok, labels = B.models(config)
+    teachers, teacher_toks, student, student_tok, labels = B.models(config, encoder)
     data = B.pipeline(config, student, student_tok, teacher_toks, labels)
     plan = data.loader.batches(0)  # the batches of a single-process run's first epoch
     if not plan:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from polydistill.version import __version__
 from polydistill.config import RUNTIME_FIELDS, apply_overrides, format_validation_error, load_config, read_config_file, set_path, without_fields
 from polydistill.errors import ConfigError, PolydistillError
+from polydistill.multitask import MultiTaskConfig
 from polydistill.study.schema import StudyConfig, _show
 
 STUDY_FILE = "study.json"
@@ -155,7 +156,7 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
             set_path(data, "output_dir", str(run_dir))
             cfg = load_config(data, base_dir=base_dir, origin=f"{origin} (cell '{cell.name}')")
             if cell.slug not in validated:  # plugin options are the same for every seed
-                for plugin, options in enabled_plugins(cfg.plugins):
+                for plugin, options in [p for c in single_configs(cfg) for p in enabled_plugins(c.plugins)]:
                     try:
                         validate_settings(plugin, load_plugin_object(plugin), options)
                     except PolydistillError as exc:
@@ -171,11 +172,17 @@ def plan_study(source: str | Path | dict[str, Any], output_dir: str | Path | Non
                 "fields to the same values (e.g. a field axis under a plugin another axis switches off); change an axis"
             )
         first[run.fingerprint] = run.cell.name
-    if not runs[0].config["data"]["eval"]:
+    first = load_config(runs[0].config)
+    if not any(c.data.eval for c in single_configs(first)):
         raise ConfigError(f"{origin}: data.eval is empty; a study compares its cells on evaluation data")
-    task = runs[0].config["task"]
+    metric = study.metric or (first.primary_metric if isinstance(first, MultiTaskConfig) else primary_metric(first.task))
     axes_json = [{"name": a, "levels": [lv for lv, _ in levels]} for a, levels in axes]
-    return Plan(name, out, study, task, study.metric or primary_metric(task), baseline, axes_json, cells, runs)
+    return Plan(name, out, study, first.task, metric, baseline, axes_json, cells, runs)
+
+
+def single_configs(config: Any) -> list[Any]:
+    """The single-task configs of a run config: each task's of a multi-task config, else the config itself."""
+    return list(config.tasks.values()) if isinstance(config, MultiTaskConfig) else [config]
 
 
 def _baseline(study: StudyConfig, cells: list[Cell], axes: list[tuple[str, list[tuple[str, dict[str, Any]]]]]) -> str:

@@ -11,7 +11,7 @@ from polydistill.config import StrictModel
 
 
 class Axis(StrictModel):
-    """One factor of the study: exactly one of field+values, levels, add_one_in, leave_one_out."""
+    """One factor of the study: exactly one of field+values, levels, add_one_in, leave_one_out, add_tasks."""
 
     field: str | None = Field(None, description="Dotted config path this axis varies, e.g. plugins.kd.temperature.")
     values: list[Any] | None = Field(None, description="Values of `field`, one level each.")
@@ -24,16 +24,22 @@ class Axis(StrictModel):
     leave_one_out: dict[str, Any] | None = Field(
         None, description="Plugins with their options: levels `all` (base plus every one) and `-NAME` (all but that one)."
     )
+    add_tasks: list[str] | None = Field(
+        None, description="Tasks of a multi-task base config: levels `base` (its other tasks, these switched off) and "
+        "`+NAME` (those plus this one task)."
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Axis:
-        kinds = [k for k in ("field", "levels", "add_one_in", "leave_one_out") if getattr(self, k) is not None]
+        kinds = [k for k in ("field", "levels", "add_one_in", "leave_one_out", "add_tasks") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one of field (with values), levels, add_one_in, leave_one_out (got {kinds or 'none'})")
+            raise ValueError(f"give exactly one of field (with values), levels, add_one_in, leave_one_out, add_tasks (got {kinds or 'none'})")
         if (self.field is None) != (self.values is None):
             raise ValueError("field and values go together")
         if self.values is not None and not self.values:
             raise ValueError("values: give at least one value")
+        if self.add_tasks is not None and (not self.add_tasks or len(set(self.add_tasks)) != len(self.add_tasks)):
+            raise ValueError("add_tasks: give the names of one or more tasks, each once")
         for kind in ("levels", "add_one_in", "leave_one_out"):
             if getattr(self, kind) == {}:
                 raise ValueError(f"{kind}: give at least one entry")
@@ -45,6 +51,9 @@ class Axis(StrictModel):
             return [(_show(v), {self.field: v}) for v in self.values or []]
         if self.levels is not None:
             return list(self.levels.items())
+        if self.add_tasks is not None:
+            off = {f"tasks.{name}.enabled": False for name in self.add_tasks}
+            return [("base", off)] + [(f"+{name}", {**off, f"tasks.{name}.enabled": True}) for name in self.add_tasks]
         if self.add_one_in is not None:
             return [("base", {})] + [(f"+{name}", {f"plugins.{name}": _options(opts)}) for name, opts in self.add_one_in.items()]
         plugins = self.leave_one_out or {}

@@ -33,8 +33,9 @@ from polydistill.checkpoint import dump_json, find as find_checkpoint
 from polydistill.config import StrictModel, format_validation_error, load_config, read_config_file, set_path
 from polydistill.errors import ConfigError, PolydistillError
 from polydistill.hookspecs import hookimpl
+from polydistill.multitask import MultiTaskConfig
 from polydistill.study.executors import _lock
-from polydistill.study.plan import RESULT_FILE, STUDY_FILE, _now, _slug, read_base
+from polydistill.study.plan import RESULT_FILE, STUDY_FILE, _now, _slug, read_base, single_configs
 from polydistill.study.run import _prune, _read_history
 from polydistill.study.schema import _show
 
@@ -204,9 +205,10 @@ def load_search(source: str | Path | dict[str, Any], output_dir: str | Path | No
     name = search.name or stem
     out = Path(output_dir or search.output_dir or Path("runs") / _slug(name)).resolve()
     config = load_config(base, base_dir=base_dir, origin=base_origin)
-    if not config.data.eval:
+    if not any(c.data.eval for c in single_configs(config)):
         raise ConfigError(f"{base_origin}: data.eval is empty; a search scores its trials on evaluation data")
-    objectives = search.objectives or [Objective(metric=primary_metric(config.task))]
+    default = config.primary_metric if isinstance(config, MultiTaskConfig) else primary_metric(config.task)
+    objectives = search.objectives or [Objective(metric=default)]
     plan = SearchPlan(name, out, search, base, base_dir, base_origin, config.task, objectives)
     for dim, p in search.space.items():  # every level, choice and end of a range gives a valid config
         if p.kind == "levels":
@@ -229,7 +231,7 @@ def _trial_config(plan: SearchPlan, overrides: dict[str, Any], run_dir: Path, wh
         set_path(data, key, value, origin=f"{where}:")
     set_path(data, "output_dir", str(run_dir))
     cfg = load_config(data, base_dir=plan.base_dir, origin=f"{plan.origin} ({where})")
-    for plugin, options in enabled_plugins(cfg.plugins):
+    for plugin, options in [p for c in single_configs(cfg) for p in enabled_plugins(c.plugins)]:
         try:
             validate_settings(plugin, load_plugin_object(plugin), options)
         except PolydistillError as exc:

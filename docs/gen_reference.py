@@ -128,6 +128,13 @@ def config_reference() -> str:
         "",
     ]
     out += model_sections(Config, "")
+    from polydistill.multitask import MultiTaskOptions, TaskSection
+
+    out += ["## Multi-task runs {#multitask}", "",
+            "A config with `tasks` trains one student for several tasks ([Multi-task distillation](../multitask.md)); "
+            "its other sections are shared or are every task's defaults.", ""]
+    out += model_sections(MultiTaskOptions, "multitask", prefix="multitask-", level="###")
+    out += model_sections(TaskSection, "tasks.NAME", prefix="task-", level="###")
     out += ["## Plugins {#plugins}", "",
             "The options under `plugins.NAME` of each first-party plugin, validated by its `Settings` model.",
             "Installed third-party plugins document their own (`polydistill plugins` lists them).", ""]

@@ -25,6 +25,7 @@ from polydistill.hookspecs import hookimpl  # noqa: E402
 _LAZY = {
     "Config": "polydistill.config",
     "load_config": "polydistill.config",
+    "MultiTaskConfig": "polydistill.multitask",
     "PluginSettings": "polydistill.config",
     "Batch": "polydistill.batch",
     "ModelOutputs": "polydistill.batch",
@@ -56,6 +57,7 @@ __all__ = [
     "DataError",
     "LossHints",
     "ModelOutputs",
+    "MultiTaskConfig",
     "PluginError",
     "PluginSettings",
     "PolydistillError",
@@ -97,6 +99,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from polydistill.data import load_data
     from polydistill.evaluation import evaluate_model
     from polydistill.models import forward
+    from polydistill.multitask import MultiTaskConfig
     from polydistill.state import TrainState
     from polydistill.tasks import Task, get_task
     from polydistill.report import write_report

@@ -43,6 +43,9 @@ class Trainer:
 
     def __init__(self, config: Config | dict | str, plugins: Iterable[tuple[str, Any]] = (), output_dir: str | None = None):
         self.config = config = load_config(config)
+        if not isinstance(config, Config):
+            raise ConfigError("config: a config with `tasks` is a multi-task run: train it with polydistill.train "
+                              "(or polydistill.multitask.trainer.MultiTaskTrainer)")
         preflight.check(config, plugins, output_dir=output_dir)  # every input problem at once, before any model loads
         tc = config.training
         self.output_dir = Path(output_dir or config.output_dir)

@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 #: ``TrainState.task_def``); ``TrainState.run_teacher`` and ``.fuse_teacher_outputs`` (the teacher runner, cache
 #: included); typed loss hints (``LossHints``, ``Batch.with_hints``, ``Batch.loss_hints``) for what 1.1 passed in
 #: ``batch.meta["temperature"]``/``["sample_weights"]`` (still read). 1.3: ``TrainState.normalized_embeddings``,
-#: ``Task.save_files`` (a saved student's files besides weights and tokenizer).
-API_VERSION = "1.3"
+#: ``Task.save_files`` (a saved student's files besides weights and tokenizer). 1.4: multi-task runs
+#: (``MultiTaskConfig``; each task's hooks get that task's ``TrainState``, whose ``step`` is the run's).
+API_VERSION = "1.4"

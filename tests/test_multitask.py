@@ -14,6 +14,7 @@ import polydistill
 from polydistill import load_config
 from polydistill.errors import ConfigError
 from polydistill.multitask import MultiTaskConfig, MultiTaskOptions, task_at, task_probabilities
+from polydistill.testing import with_fields
 
 
 def multitask_config(models, data, out, **fields):
@@ -35,13 +36,7 @@ def multitask_config(models, data, out, **fields):
                       "data": {"train": parallel, "eval": parallel}, "plugins": {"kd": {"normalize": True}}},
         },
     }
-    for key, value in fields.items():
-        node = cfg
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
+    return with_fields(cfg, **fields)
 
 
 # ---------------------------------------------------------------------------- config

@@ -150,7 +150,7 @@ def test_each_head_loads_with_transformers_and_scores_as_in_the_run(trained, tin
     tagger = AutoModelForTokenClassification.from_pretrained(student / "tags")
     assert tagger.config.id2label == {0: "O", 1: "B-FOOD", 2: "I-FOOD"}  # the tagging teacher's tags
     readme = (student / "README.md").read_text()
-    assert "AutoModelForTokenClassification" in readme and "SentenceTransformer" in readme
+    assert "AutoModelForTokenClassification" in readme and 'SentenceTransformer("PATH/TO/student/encoder")' in readme
     results = polydistill.evaluate(trained.output_dir)
     assert results["student"]["average"] == pytest.approx(trained.metrics["average"])
 
@@ -219,6 +219,10 @@ def test_cli_validates_a_multitask_config(models, data, tmp_path, capsys):
     assert main(["config", "validate", str(path)]) == 0
     out = capsys.readouterr().out
     assert "valid multi-task config" in out and "tags: token_classification, mode same" in out
+    path.write_text(json.dumps(multitask_config(models, data, tmp_path / "run", tasks__tags__enabled=False)))
+    assert main(["config", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "switched off: tags" in out and "tags: token_classification" not in out
 
 
 def test_teacher_outputs_store_serves_every_task_exactly(models, data, tmp_path):

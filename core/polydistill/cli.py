@@ -287,6 +287,9 @@ def cmd_config(args: argparse.Namespace) -> int:
             preflight.check(task_cfg, origin=f"{args.config}: tasks.{name}")
             names = [n for n, _ in enabled_plugins(task_cfg.plugins)]
             shown.append(f"{name}: {task_cfg.task}, mode {task_cfg.mode}, plugins {', '.join(names) or 'none'}")
+        off = [n for n in cfg.raw.get("tasks", {}) if n not in cfg.tasks]
+        if off:
+            shown.append(f"switched off: {', '.join(off)}")
         print(f"{args.config}: valid multi-task config ({'; '.join(shown)}; sampling {cfg.options.sampling}, "
               f"weighting {cfg.options.weighting})")
         return 0

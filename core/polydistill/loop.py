@@ -541,8 +541,12 @@ class Trainer:
         if state.skipped_batches:
             mean["skipped_batches"] = state.skipped_batches  # a running total, not a per-step count
         self._pending.clear()
-        self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in mean.items() if k != "lr"}, refresh=False)
+        self._bar.set_postfix(self._bar_fields(mean), refresh=False)
         self._record({"step": state.step, "epoch": state.epoch, "elapsed_s": round(time.perf_counter() - self._start, 3), **mean})
+
+    def _bar_fields(self, mean: dict[str, Any]) -> dict[str, str]:
+        """What the progress bar shows of one log record."""
+        return {k.split("/")[-1]: f"{v:.4g}" for k, v in mean.items() if k != "lr"}
 
     def _record(self, row: dict[str, Any]) -> None:
         row = ckpt.tidy(row)

@@ -262,6 +262,12 @@ class MultiTaskTrainer(Trainer):
         logs[f"{self.current}/steps"] = 1  # an int: summed over log_every, the steps each task trained
         super()._log(logs)
 
+    def _bar_fields(self, mean: dict[str, Any]) -> dict[str, str]:
+        # each task's own loss, by name: the tasks' terms share names (loss/kl), so the base bar would mix them
+        fields = {"loss": f"{mean['loss']:.4g}"}
+        fields.update({name: f"{mean[f'{name}/loss']:.4g}" for name in self.parts if f"{name}/loss" in mean})
+        return fields
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, Any]:
@@ -378,7 +384,8 @@ class MultiTaskTrainer(Trainer):
             task = part.state.task_def
             lines.append(f"| `{name}/` | {task.name} | `transformers.{task.auto_class}.from_pretrained(\"{name}\")` |")
         lines += ["| `encoder/` | the shared encoder (embedding) | `sentence_transformers.SentenceTransformer(\"encoder\")` |",
-                  "", "## The encoder alone", "", *encoder_usage, ""]
+                  "", "## The encoder alone", "",
+                  *(line.replace("PATH/TO/student", "PATH/TO/student/encoder") for line in encoder_usage), ""]
         return "\n".join(lines)
 
     def save_results(self, metrics: dict[str, Any]) -> None:

@@ -179,6 +179,26 @@ def test_a_resumed_run_trains_the_same_weights(models, data, tmp_path):
     assert weights and any(w != 1.0 for w in weights)  # uncertainty weights are learned
 
 
+def test_uncertainty_weights_move_towards_one_over_each_tasks_loss(models, data, tmp_path):
+    # s_t minimises exp(-s_t)·L + s_t at exp(-s_t) = 1/L: a task whose loss is below 1 gains weight, one above
+    # loses it. They learn at multitask.weight_learning_rate, not at the student's rate (1e-3 here, which
+    # would keep every weight within 1 ± 0.015 in 12 steps).
+    result = polydistill.train(multitask_config(models, data, tmp_path / "a", multitask={
+        "sampling": "round_robin", "weighting": "uncertainty", "weight_learning_rate": 0.1}))
+    checked = 0
+    for task in ("topics", "tags", "embed"):
+        # the task's unweighted loss: the sum of its terms (<task>/loss itself is weighted: exp(-s)·L + s)
+        losses = [sum(v for k, v in r.items() if k.startswith(f"{task}/loss/")) for r in result.history if f"{task}/loss" in r]
+        weight = [r[f"{task}/weight"] for r in result.history if f"{task}/weight" in r][-1]
+        if min(losses) > 1.2:
+            assert weight < 0.9, (task, losses, weight)
+            checked += 1
+        elif max(losses) < 0.8:
+            assert weight > 1.1, (task, losses, weight)
+            checked += 1
+    assert checked >= 2
+
+
 def test_resume_refuses_another_task_set(models, data, tmp_path):
     polydistill.train(multitask_config(models, data, tmp_path / "a", training__max_steps=4))
     with pytest.raises(ConfigError, match="tasks.tags"):

@@ -62,6 +62,12 @@ class MultiTaskOptions(StrictModel):
         "task t's loss L becomes exp(-s_t)·L + s_t with a trained s_t (starting at -log(weight)); exp(-s_t) is "
         "logged as `<task>/weight`.",
     )
+    weight_learning_rate: float = Field(
+        0.05, gt=0,
+        description="`weighting: uncertainty`: the learning rate of the s_t (the schedule scales it as the student's). "
+        "They live on a log scale: at a student's learning rate (1e-5 to 1e-4) they would move by about 0.03 in "
+        "a thousand steps, so the weights would stay where they started.",
+    )
 
 
 class MultiTaskConfig:

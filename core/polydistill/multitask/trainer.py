@@ -23,6 +23,7 @@ from torch import nn
 from polydistill import build
 from polydistill import checkpoint as ckpt
 from polydistill import preflight
+from polydistill.batch import Trainable
 from polydistill.config import RESUMABLE_FIELDS, load_config, without_fields
 from polydistill.errors import ConfigError, DataError, PolydistillError
 from polydistill.loop import Trainer, eval_fields, eval_line
@@ -169,6 +170,9 @@ class MultiTaskTrainer(Trainer):
         self.weighting = TaskWeights(names, config.weights, config.options.weighting)
         modules = {f"{n}__{k.replace('.', '__')}": m for n, p in self.parts.items() for k, m in p.state.modules.items()}
         modules["multitask__weights"] = self.weighting
+        if config.options.weighting == "uncertainty":
+            own["multitask__weights"] = Trainable(self.weighting, learning_rate=config.options.weight_learning_rate,
+                                                  weight_decay=0.0)
         self.plugin_modules = nn.ModuleDict(modules).to(acc.device)
         heads = Heads({n: p.state.student for n, p in self.parts.items()})
         optimizer = build.optimizer(tc, heads, self.plugin_modules, own)

@@ -164,6 +164,70 @@ def test_the_encoder_alone_is_a_sentence_transformers_model(trained):
     assert (trained.output_dir / "student" / "encoder" / "2_Normalize").is_dir()  # the embed task normalised
 
 
+def generative_config(models, data, out, student, topics_teacher="teacher"):
+    """topics (classification) first, then a causal LM task, on one GPT-2 student."""
+    text = {"path": str(data["eval"]), "columns": {"text": "text", "lang": "lang"}}
+    return {
+        "student": student,
+        "training": {"max_steps": 8, "learning_rate": 1e-3, "progress": False, "log_every": 2, "seed": 3},
+        "data": {"batch_size": 4}, "output_dir": str(out), "plugins": {"kd": True},
+        "tasks": {
+            "topics": {"task": "sequence_classification", "mode": "parallel",
+                       "teachers": [{"model": str(models[topics_teacher]), "name": "clf"}],
+                       "data": {"train": {"path": str(data["parallel"]), "columns": {"text": "de", "source": "en", "lang": "lang"}},
+                                "eval": {"path": str(data["eval"]), "columns": {"label": "label", "lang": "lang"}}}},
+            "lm": {"task": "causal_lm", "mode": "same", "teachers": [{"model": str(models["lm"]), "name": "lm"}],
+                   "data": {"train": text, "eval": text}},
+        },
+    }
+
+
+def test_a_language_model_head_beside_a_classifier_keeps_its_output_layer_tied(models, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # the student is built for topics (the first task); the LM head is added on its encoder, and its output
+    # layer must be the shared input embeddings (GPT-2 ties them), not a new random matrix
+    result = polydistill.train(generative_config(models, data, tmp_path / "run", {"model": str(models["lm"])}))
+    # the student starts as the LM teacher itself, so it agrees with it (a random output layer: ~0.3)
+    assert result.metrics["average"]["lm/teacher_agreement"] > 0.8
+    lm = AutoModelForCausalLM.from_pretrained(result.output_dir / "student" / "lm")
+    assert lm.lm_head.weight.data_ptr() == lm.transformer.wte.weight.data_ptr()
+    again = polydistill.evaluate(result.output_dir)["student"]["average"]
+    assert again["lm/perplexity"] == pytest.approx(result.metrics["average"]["lm/perplexity"], rel=1e-5)
+
+
+def test_two_translation_directions_are_two_tasks_of_one_student(models, data, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    pairs = {"path": str(data["parallel"]), "columns": {"lang": "lang"}}
+    result = polydistill.train({
+        "student": {"from_teacher": {"teacher": "ende", "layers": [0], "decoder_layers": [0]}},
+        "training": {"max_steps": 4, "learning_rate": 1e-3, "progress": False, "seed": 3},
+        "task": "seq2seq", "mode": "same", "data": {"batch_size": 4}, "output_dir": str(tmp_path / "run"),
+        "tasks": {direction: {"teachers": [{"model": str(models["mt"]), "name": direction}],
+                              "data": {"train": (d := with_fields(json.loads(json.dumps(pairs)), columns__text=src, columns__target=tgt)),
+                                       "eval": d}}
+                  for direction, src, tgt in [("ende", "en", "de"), ("deen", "de", "en")]},
+    })
+    assert {"ende/bleu", "deen/bleu"} <= set(result.metrics["average"])
+    for direction in ("ende", "deen"):
+        model = AutoModelForSeq2SeqLM.from_pretrained(result.output_dir / "student" / direction)
+        assert model.lm_head.weight.data_ptr() == model.model.shared.weight.data_ptr()
+    assert polydistill.evaluate(result.output_dir)["student"]["average"] == pytest.approx(result.metrics["average"])
+
+
+def test_a_task_the_architecture_has_no_model_for_is_named(models, data, tmp_path):
+    # transformers has no Marian sequence classifier
+    cfg = generative_config(models, data, tmp_path / "run", {"from_teacher": {"teacher": "lm", "layers": [0]}})
+    cfg["tasks"]["lm"] = {"task": "seq2seq", "mode": "same", "teachers": [{"model": str(models["mt"]), "name": "mt"}],
+                          "data": {"train": (pairs := {"path": str(data["parallel"]), "columns": {"text": "en", "target": "de"}}),
+                                   "eval": pairs}}
+    cfg["student"] = {"from_teacher": {"teacher": "mt", "layers": [0], "decoder_layers": [0]}}
+    with pytest.raises(ConfigError, match=r"tasks\.topics: sequence_classification: the shared student is a MarianMTModel, "
+                                          r"and transformers has no AutoModelForSequenceClassification for model_type 'marian'"):
+        polydistill.train(cfg)
+
+
 def test_a_resumed_run_trains_the_same_weights(models, data, tmp_path):
     cfg = multitask_config(models, data, tmp_path / "a", multitask={"sampling": "temperature", "weighting": "uncertainty"})
     whole = polydistill.train(cfg)
@@ -229,6 +293,17 @@ def test_the_run_report_has_a_loss_plot_per_task_and_metrics_per_task_and_langua
             "eval_tags_token_accuracy.png", "eval_embed_mean.png", "report.html"} <= names
     md = (tmp_path / "report" / "report.md").read_text()
     assert "### tags (token_classification)" in md and "| de |" in md
+
+
+def test_the_progress_bar_shows_each_tasks_loss_by_task_name():
+    from types import SimpleNamespace
+
+    from polydistill.multitask.trainer import MultiTaskTrainer
+
+    trainer = SimpleNamespace(parts={"topics": None, "tags": None, "embed": None})
+    # both tasks log loss/kl; the base bar keyed by the last name part would keep one of them
+    mean = {"loss": 0.5, "topics/loss": 0.25, "topics/loss/kl": 0.25, "tags/loss": 0.75, "tags/loss/kl": 0.75, "lr": 1e-4}
+    assert MultiTaskTrainer._bar_fields(trainer, mean) == {"loss": "0.5", "topics": "0.25", "tags": "0.75"}
 
 
 def test_cli_validates_a_multitask_config(models, data, tmp_path, capsys):

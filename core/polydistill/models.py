@@ -279,7 +279,11 @@ def head_on(encoder: nn.Module, task: str | Task, labels: list[str] | None) -> n
     config.architectures = None
     for key, value in task.label_config(labels).items():
         setattr(config, key, value)
-    model = task.model_class().from_config(config)
+    try:
+        model = task.model_class().from_config(config)
+    except ValueError:  # transformers has no model of this architecture for the task
+        raise ConfigError(f"{task.name}: the shared student is a {type(encoder).__name__}, and transformers has no "
+                          f"{task.auto_class} for model_type '{config.model_type}'") from None
     base = model.base_model
     if base is model:  # a task without a head (embedding) is the encoder itself
         if type(shared) is not type(model):
@@ -292,6 +296,8 @@ def head_on(encoder: nn.Module, task: str | Task, labels: list[str] | None) -> n
                           f"{type(shared).__name__}; the tasks of a multi-task run need one architecture")
     for name in tied:
         setattr(base, name, getattr(shared, name))
+    # an output layer tied to the input embeddings (a language model's) was tied to the new model's own
+    model.tie_weights()
     return model
 
 

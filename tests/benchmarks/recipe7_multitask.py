@@ -14,9 +14,12 @@ Distillation data, per task, in --langs and English (no test sentence is trained
           words; no PUD sentence is read, so PUD is scored whole, zero-shot;
   embed   parallel mode: --pairs English-centric pairs per language (parallel/).
 Runs, at the same total step budget --steps:
-  multi   one student, a head per task, --steps steps taken in turn (round_robin), so
-          each task gets --steps/3 steps;
-  single  three students, one per task, --steps/3 steps each.
+  multi        one student, a head per task, --steps steps taken in turn (round_robin), so
+               each task gets --steps/3 steps; the tasks' losses added as they are
+               (weighting: fixed, every weight 1);
+  uncertainty  the same with learned weights (weighting: uncertainty), which bring each
+               task's weighted loss towards 1 whatever its scale;
+  single       three students, one per task, --steps/3 steps each.
 Every run uses the same batch size, learning rate and schedule shape and the same
 teacher-output cache. Scores: SIB-200 test accuracy, PUD token accuracy, Tatoeba
 retrieval accuracy (mean of both directions), per language, --seeds seeds.
@@ -50,6 +53,8 @@ LANGUAGES = {
 }
 TASKS = {"topics": ("accuracy", "SIB-200 accuracy"), "tags": ("token_accuracy", "PUD UPOS accuracy"),
          "embed": ("mean", "Tatoeba retrieval")}
+#: The multi-task arms: name -> multitask.weighting.
+MULTI = {"multi": "fixed", "uncertainty": "uncertainty"}
 WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -212,14 +217,19 @@ def main() -> None:
     with timer(times, "teacher_eval_s"):
         teacher_metrics = teacher_scores(teachers, sections, args)
 
-    runs: dict[str, list[dict[str, Any]]] = {"multi": [], "single": []}
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in [*MULTI, "single"]}
+    learned: list[dict[str, float]] = []
     for seed in range(args.seeds):
-        out = work / f"multi-seed{seed}"
-        cfg = {**shared(init, args.steps, seed, out, work, args), "multitask": {"sampling": "round_robin"}, "tasks": sections}
-        with timer(times, f"multi_seed{seed}_s"):
-            result = polydistill.train(cfg)
-        runs["multi"].append(result.metrics["tasks"])
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for arm, weighting in MULTI.items():
+            out = work / f"{arm}-seed{seed}"
+            cfg = {**shared(init, args.steps, seed, out, work, args),
+                   "multitask": {"sampling": "round_robin", "weighting": weighting}, "tasks": sections}
+            with timer(times, f"{arm}_seed{seed}_s"):
+                result = polydistill.train(cfg)
+            runs[arm].append(result.metrics["tasks"])
+            if weighting == "uncertainty":
+                learned.append({k.split("/")[0]: r[k] for r in result.history for k in r if k.endswith("/weight")})
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         single = {}
         for name, section in sections.items():
             out = work / f"{name}-seed{seed}"
@@ -229,33 +239,40 @@ def main() -> None:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         runs["single"].append(single)
         print(f"[recipe7] seed {seed}: " + "; ".join(
-            f"{name} multi {runs['multi'][-1][name]['average'][m]:.3f} single {single[name]['average'][m]:.3f}"
-            for name, (m, _) in TASKS.items()))
+            f"{name} " + " ".join(f"{arm} {runs[arm][-1][name]['average'][m]:.3f}" for arm in runs)
+            for name, (m, _) in TASKS.items()) + f"; learned weights {learned[-1]}")
     times["total_s"] = round(time.perf_counter() - begin, 1)
 
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "times": times,
-                               "teacher": teacher_metrics, "runs": runs, "summary": {}}
+                               "teacher": teacher_metrics, "runs": runs, "learned_weights": learned, "summary": {}}
     md = [f"Total steps {args.steps} per comparison (each task {args.steps // 3}), {args.seeds} seeds, mean ± sd; "
-          f"Δ = multi − single.", ""]
+          "Δ = multi-task − single-task, per seed, averaged. *fixed*: losses added as they are; *uncertainty*: "
+          "learned weights.", ""]
     for name, (metric, title) in TASKS.items():
         scored = [l for l in ["en", *langs] if l in teacher_metrics[name]["per_language"]]
         rows, summary = [], {}
         for lang in [*scored, "average"]:
             def score(m: dict[str, Any]) -> float:
                 return m["average"][metric] if lang == "average" else m["per_language"][lang][metric]
-            multi = mean_sd([score(r[name]) for r in runs["multi"]])
             single = mean_sd([score(r[name]) for r in runs["single"]])
-            deltas = [score(a[name]) - score(b[name]) for a, b in zip(runs["multi"], runs["single"])]
-            summary[lang] = {"teacher": score(teacher_metrics[name]), "multi": multi, "single": single, "delta": mean_sd(deltas)}
-            rows.append([f"**{lang}**" if lang == "average" else lang, score(teacher_metrics[name]),
-                         f"{single[0]:.3f} ± {single[1]:.3f}", f"{multi[0]:.3f} ± {multi[1]:.3f}",
-                         f"{statistics.mean(deltas):+.3f}"])
+            summary[lang] = {"teacher": score(teacher_metrics[name]), "single": single}
+            row = [f"**{lang}**" if lang == "average" else lang, score(teacher_metrics[name]), f"{single[0]:.3f} ± {single[1]:.3f}"]
+            for arm in MULTI:
+                multi = mean_sd([score(r[name]) for r in runs[arm]])
+                deltas = [score(a[name]) - score(b[name]) for a, b in zip(runs[arm], runs["single"])]
+                summary[lang].update({arm: multi, f"{arm}_delta": mean_sd(deltas)})
+                row += [f"{multi[0]:.3f} ± {multi[1]:.3f}", f"{statistics.mean(deltas):+.3f}"]
+            rows.append(row)
         results["summary"][name] = summary
-        md += [f"**{name}** ({title}, `{metric}`)", "",
-               table(["language", "teacher (6 layers)", "single-task student", "multi-task student", "Δ"], rows), ""]
-    md.append(f"Wall time: multi-task {statistics.mean(times[f'multi_seed{s}_s'] for s in range(args.seeds)):.0f} s per seed, "
-              f"three single-task runs {statistics.mean(sum(times[f'{n}_seed{s}_s'] for n in TASKS) for s in range(args.seeds)):.0f} s "
-              f"per seed (shared teacher cache, built by the first run); total {times['total_s']:.0f} s.")
+        heads = ["language", "teacher (6 layers)", "single-task"]
+        for arm, weighting in MULTI.items():
+            heads += [f"multi-task, {weighting}", "Δ"]
+        md += [f"**{name}** ({title}, `{metric}`)", "", table(heads, rows), ""]
+    md.append("Learned weights at the end (uncertainty), per seed: " + "; ".join(
+        ", ".join(f"{k} {v:.2f}" for k, v in w.items()) for w in learned) + ".")
+    last = args.seeds - 1  # the first seed's first run also built the teacher-output cache
+    md.append(f"Wall time of seed {last}: " + ", ".join(f"multi-task ({w}) {times[f'{a}_seed{last}_s']:.0f} s" for a, w in MULTI.items())
+              + f", three single-task runs {sum(times[f'{n}_seed{last}_s'] for n in TASKS):.0f} s; total {times['total_s']:.0f} s.")
     save(args.out, "recipe7", results, "\n".join(md))
 
 

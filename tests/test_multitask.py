@@ -164,7 +164,7 @@ def test_the_encoder_alone_is_a_sentence_transformers_model(trained):
     assert (trained.output_dir / "student" / "encoder" / "2_Normalize").is_dir()  # the embed task normalised
 
 
-def generative_config(models, data, out, student, topics_teacher="teacher"):
+def generative_config(models, data, out, student):
     """topics (classification) first, then a causal LM task, on one GPT-2 student."""
     text = {"path": str(data["eval"]), "columns": {"text": "text", "lang": "lang"}}
     return {
@@ -173,7 +173,7 @@ def generative_config(models, data, out, student, topics_teacher="teacher"):
         "data": {"batch_size": 4}, "output_dir": str(out), "plugins": {"kd": True},
         "tasks": {
             "topics": {"task": "sequence_classification", "mode": "parallel",
-                       "teachers": [{"model": str(models[topics_teacher]), "name": "clf"}],
+                       "teachers": [{"model": str(models["teacher"]), "name": "clf"}],
                        "data": {"train": {"path": str(data["parallel"]), "columns": {"text": "de", "source": "en", "lang": "lang"}},
                                 "eval": {"path": str(data["eval"]), "columns": {"label": "label", "lang": "lang"}}}},
             "lm": {"task": "causal_lm", "mode": "same", "teachers": [{"model": str(models["lm"]), "name": "lm"}],
@@ -199,13 +199,12 @@ def test_a_language_model_head_beside_a_classifier_keeps_its_output_layer_tied(m
 def test_two_translation_directions_are_two_tasks_of_one_student(models, data, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    pairs = {"path": str(data["parallel"]), "columns": {"lang": "lang"}}
     result = polydistill.train({
         "student": {"from_teacher": {"teacher": "ende", "layers": [0], "decoder_layers": [0]}},
         "training": {"max_steps": 4, "learning_rate": 1e-3, "progress": False, "seed": 3},
         "task": "seq2seq", "mode": "same", "data": {"batch_size": 4}, "output_dir": str(tmp_path / "run"),
         "tasks": {direction: {"teachers": [{"model": str(models["mt"]), "name": direction}],
-                              "data": {"train": (d := with_fields(json.loads(json.dumps(pairs)), columns__text=src, columns__target=tgt)),
+                              "data": {"train": (d := {"path": str(data["parallel"]), "columns": {"text": src, "target": tgt, "lang": "lang"}}),
                                        "eval": d}}
                   for direction, src, tgt in [("ende", "en", "de"), ("deen", "de", "en")]},
     })
@@ -218,11 +217,11 @@ def test_two_translation_directions_are_two_tasks_of_one_student(models, data, t
 
 def test_a_task_the_architecture_has_no_model_for_is_named(models, data, tmp_path):
     # transformers has no Marian sequence classifier
-    cfg = generative_config(models, data, tmp_path / "run", {"from_teacher": {"teacher": "lm", "layers": [0]}})
-    cfg["tasks"]["lm"] = {"task": "seq2seq", "mode": "same", "teachers": [{"model": str(models["mt"]), "name": "mt"}],
-                          "data": {"train": (pairs := {"path": str(data["parallel"]), "columns": {"text": "en", "target": "de"}}),
-                                   "eval": pairs}}
-    cfg["student"] = {"from_teacher": {"teacher": "mt", "layers": [0], "decoder_layers": [0]}}
+    cfg = generative_config(models, data, tmp_path / "run", {"from_teacher": {"teacher": "mt", "layers": [0], "decoder_layers": [0]}})
+    pairs = {"path": str(data["parallel"]), "columns": {"text": "en", "target": "de"}}
+    cfg["tasks"] = {"topics": cfg["tasks"]["topics"], "translate": {
+        "task": "seq2seq", "mode": "same", "teachers": [{"model": str(models["mt"]), "name": "mt"}],
+        "data": {"train": pairs, "eval": pairs}}}
     with pytest.raises(ConfigError, match=r"tasks\.topics: sequence_classification: the shared student is a MarianMTModel, "
                                           r"and transformers has no AutoModelForSequenceClassification for model_type 'marian'"):
         polydistill.train(cfg)
